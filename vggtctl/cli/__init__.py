@@ -1,0 +1,1 @@
+"""Typer command layer: parse options, call one library function, render."""

@@ -1,0 +1,48 @@
+"""The root Typer app: global options and one sub-module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from vggtctl import __version__
+from vggtctl.cli import demo, precompute, prune, status, train, verify
+
+app = typer.Typer(
+    name="vggtctl",
+    help=(
+        "Operations console for precomputed VGGT feature caches.\n\n"
+        "Examples:\n\n"
+        "  vggtctl status /data/train\n\n"
+        "  vggtctl verify /data/train --quick\n\n"
+        "  vggtctl prune --model-changed\n\n"
+        "  vggtctl precompute /data/train --vggt-model facebook/VGGT-1B\n\n"
+        "  vggtctl train --nodes 2"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vggtctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Operations console for precomputed VGGT feature caches."""
+
+
+for module in (precompute, status, verify, prune, train, demo):
+    module.register(app)
+
+
+def main() -> None:
+    app()

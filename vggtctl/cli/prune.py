@@ -1,0 +1,12 @@
+"""`vggtctl prune` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    def command() -> None:
+        """Not implemented yet."""
+        raise typer.Exit(2)

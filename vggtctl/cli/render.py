@@ -1,0 +1,50 @@
+"""Output conventions (DESIGN §7): tables on stdout, progress/logs on stderr, --json alone on
+stdout, plain output for NO_COLOR and non-TTY, errors as one line with a meaningful exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+import humanize
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from vggtctl.errors import VggtctlError
+
+
+def _color_allowed() -> bool:
+    return "NO_COLOR" not in os.environ
+
+
+out = Console(no_color=not _color_allowed(), highlight=False, soft_wrap=False)
+err = Console(stderr=True, no_color=not _color_allowed(), highlight=False)
+
+
+def print_json(document: Any) -> None:
+    """One JSON document on stdout and nothing else."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def size(nbytes: int | float) -> str:
+    return humanize.naturalsize(nbytes, binary=True)
+
+
+def duration(seconds: float) -> str:
+    return humanize.precisedelta(seconds, minimum_unit="seconds", format="%0.0f")
+
+
+def fail(error: VggtctlError | str, code: int | None = None) -> NoReturn:
+    """Print a one-line error on stderr and exit with its code."""
+    message = str(error)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    exit_code = code if code is not None else getattr(error, "exit_code", 2)
+    raise typer.Exit(exit_code)
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()

@@ -1,0 +1,349 @@
+"""The sidecar codec (DESIGN §3): the one module that writes, reads and judges cache files.
+
+`img.jpg` -> `img.jpg.vggt_cache.pt`: a `torch.save` zip of {"features", "format", "version",
+"meta"} holding only tensors and plain values, so `torch.load(weights_only=True, mmap=True)`
+reads it and a header read never touches the tensor bytes. Writes go to a temp file in the
+same folder and are renamed into place, so readers see the old file or the new one, never a
+torn one. Imported by precompute, status/verify/prune and the training dataset: no CLI, no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vggtctl import __version__
+from vggtctl.keys import ContextSettings, ImageKey, ModelKey, context_signature, image_change
+
+SUFFIX = ".vggt_cache.pt"
+TEMP_MARK = SUFFIX + ".tmp-"
+FORMAT = "vggtctl.sidecar"
+VERSION = 1
+
+
+def sidecar_path(image_path: str | os.PathLike[str]) -> str:
+    return f"{os.fspath(image_path)}{SUFFIX}"
+
+
+def image_path_of(path: str | os.PathLike[str]) -> str:
+    """The image a sidecar (or one of its temp files) belongs to."""
+    text = os.fspath(path)
+    cut = text.rfind(SUFFIX)
+    if cut < 0:
+        raise ValueError(f"{text}: not a sidecar name")
+    return text[:cut]
+
+
+def is_sidecar_name(name: str) -> bool:
+    return name.endswith(SUFFIX) and len(name) > len(SUFFIX)
+
+
+def is_temp_name(name: str) -> bool:
+    """Our temp files: `<image><SUFFIX>.tmp-<pid>-<hex>`."""
+    cut = name.find(TEMP_MARK)
+    if cut <= 0:
+        return False
+    pid, _, token = name[cut + len(TEMP_MARK) :].partition("-")
+    return pid.isdigit() and bool(token) and all(c in "0123456789abcdef" for c in token)
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def build_meta(
+    *,
+    image_name: str,
+    image_key: ImageKey,
+    model: ModelKey,
+    preprocess: dict[str, Any],
+    context: ContextSettings,
+    frames: list[str],
+    signature: str | None,
+) -> dict[str, Any]:
+    """The `meta` dict of a v1 sidecar.
+
+    preprocess: {"fingerprint", "preset", "input_hw", "grid_hw"}; frames: ordered names of the
+    context frames relative to the image's folder, the current image last ([] for `none`).
+    """
+    return {
+        "image": image_key.to_meta(image_name),
+        "model": model.to_meta(),
+        "preprocess": {k: preprocess[k] for k in ("fingerprint", "preset", "input_hw", "grid_hw")},
+        "context": {
+            "kind": context.kind,
+            "signature": signature,
+            "frames": list(frames),
+            "evict_start": context.evict_start,
+            "evict_recent": context.evict_recent,
+        },
+        "created": time.time(),
+        "tool": f"vggtctl {__version__}",
+    }
+
+
+# --------------------------------------------------------------------------- write
+
+
+def temp_path_for(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def write(
+    path: str | os.PathLike[str], features: torch.Tensor, meta: dict[str, Any], *, fsync: bool = False
+) -> int:
+    """Atomically write a v1 sidecar; returns the bytes written.
+
+    A crash leaves the previous file or a temp file (`prune --temp` debris), never a torn sidecar.
+    """
+    path = os.fspath(path)
+    features = features.detach().to("cpu")
+    if (
+        not features.is_contiguous()
+        or features.untyped_storage().nbytes() != features.numel() * features.element_size()
+    ):
+        # torch.save stores the whole storage: a row view of a batch would write the batch.
+        features = features.contiguous().clone()
+    payload = {"features": features, "format": FORMAT, "version": VERSION, "meta": meta}
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+            size = fh.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return size
+
+
+# --------------------------------------------------------------------------- read
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything but the tensor bytes: version (0 = legacy), meta, and the tensor's shape/dtype."""
+
+    version: int
+    meta: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str
+    legacy_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    header: Header
+    features: torch.Tensor
+
+
+class SidecarFormatError(ValueError):
+    """The file loads but does not follow the sidecar schema."""
+
+
+def _load(path: str | os.PathLike[str]) -> Any:
+    # weights_only=True: a sidecar in a shared folder must never run code when read.
+    return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+
+
+def _parse(obj: Any) -> tuple[Header, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise SidecarFormatError(f"top level is {type(obj).__name__}, not a dict")
+    features = obj.get("features")
+    if not isinstance(features, torch.Tensor):
+        raise SidecarFormatError("no 'features' tensor")
+    dtype = str(features.dtype).removeprefix("torch.")
+    shape = tuple(features.shape)
+    if "format" not in obj and "version" not in obj:
+        if isinstance(obj.get("path"), str):
+            return Header(0, {}, shape, dtype, legacy_path=obj["path"]), features
+        raise SidecarFormatError("neither a v1 sidecar nor a legacy {features, path} file")
+    if obj.get("format") != FORMAT:
+        raise SidecarFormatError(f"format is {obj.get('format')!r}, expected {FORMAT!r}")
+    if obj.get("version") != VERSION:
+        raise SidecarFormatError(f"unsupported version {obj.get('version')!r}")
+    meta = obj.get("meta")
+    if not isinstance(meta, dict):
+        raise SidecarFormatError("'meta' is missing or not a dict")
+    for section in ("image", "model", "preprocess", "context"):
+        if not isinstance(meta.get(section), dict):
+            raise SidecarFormatError(f"meta.{section} is missing")
+    if features.dim() != 2:
+        raise SidecarFormatError(f"features are {features.dim()}-D, expected [num_patches, 2*embed_dim]")
+    grid = meta["preprocess"].get("grid_hw")
+    if isinstance(grid, (list, tuple)) and len(grid) == 2 and shape[0] != grid[0] * grid[1]:
+        raise SidecarFormatError(
+            f"features have {shape[0]} patches, meta grid {grid} says {grid[0] * grid[1]}"
+        )
+    if meta["model"].get("dtype") not in (None, dtype):
+        raise SidecarFormatError(f"features are {dtype}, meta says {meta['model'].get('dtype')}")
+    return Header(VERSION, meta, shape, dtype), features
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse the sidecar's structure through mmap; the tensor bytes are never read."""
+    return _parse(_load(path))[0]
+
+
+def read(path: str | os.PathLike[str], *, check_finite: bool = True) -> Sidecar:
+    """Full read: the features are materialized (still backed by mmap until touched)."""
+    header, features = _parse(_load(path))
+    if check_finite and features.numel() and not bool(torch.isfinite(features).all()):
+        raise SidecarFormatError("features contain NaN or Inf")
+    return Sidecar(header, features)
+
+
+# --------------------------------------------------------------------------- classify
+
+
+class Verdict(str, enum.Enum):
+    VALID = "valid"
+    STALE = "stale"
+    ORPHAN = "orphan"
+    MODEL_MISMATCH = "model-mismatch"
+    PREPROCESS_MISMATCH = "preprocess-mismatch"
+    CONTEXT_MISMATCH = "context-mismatch"
+    LEGACY = "legacy"
+    CORRUPT = "corrupt"
+    TEMP = "temp"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PROBLEMS = frozenset(Verdict) - {Verdict.VALID}
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a sidecar must match to be `valid`; None fields are not checked.
+
+    `context_signature` is the per-item signature a trainer computes from its catalog. Without
+    it, `check_context_frames` re-derives the signature from the frames the sidecar names
+    (their current size/mtime), which catches edited or deleted history frames.
+    """
+
+    model: ModelKey | None = None
+    preprocess_fingerprint: str | None = None
+    context_kind: str | None = None
+    context_signature: str | None = None
+    check_context_frames: bool = True
+
+
+@dataclass(frozen=True)
+class Classification:
+    path: str
+    verdict: Verdict
+    reason: str = ""
+    header: Header | None = None
+
+
+StatLookup = Callable[[str], "os.stat_result | None"]
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+_UNSET: Any = object()
+
+
+def classify(
+    path: str | os.PathLike[str],
+    expect: Expectation | None = None,
+    *,
+    full: bool = False,
+    image_stat: os.stat_result | None = _UNSET,
+    stat_lookup: StatLookup | None = None,
+) -> Classification:
+    """One verdict per file, in precedence order: temp, corrupt, legacy, orphan, stale,
+    model-, preprocess-, context-mismatch, valid.
+
+    `full=True` reads the tensor (verify) and checks it is finite; otherwise only the header.
+    `image_stat` / `stat_lookup` let callers reuse stats from a scan instead of stat'ing again.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if is_temp_name(name):
+        return Classification(path, Verdict.TEMP, "temp file left by an interrupted write")
+    lookup = stat_lookup or _stat_or_none
+    try:
+        header = read(path).header if full else read_header(path)
+    except SidecarFormatError as err:
+        return Classification(path, Verdict.CORRUPT, str(err))
+    except Exception as err:  # any unloadable file: truncated zip, pickle, permissions, ...
+        return Classification(path, Verdict.CORRUPT, f"cannot load: {type(err).__name__}: {_first_line(err)}")
+    image = image_path_of(path)
+    st = lookup(image) if image_stat is _UNSET else image_stat
+    if header.version == 0:
+        if st is None:
+            return Classification(path, Verdict.ORPHAN, "image is gone (legacy file)", header)
+        return Classification(path, Verdict.LEGACY, "legacy file without provenance", header)
+    if st is None:
+        return Classification(path, Verdict.ORPHAN, "image is gone", header)
+    meta = header.meta
+    change = image_change(meta["image"], st, image)
+    if change:
+        return Classification(path, Verdict.STALE, change, header)
+    expect = expect or Expectation()
+    if expect.model is not None:
+        why = expect.model.mismatch(meta["model"])
+        if why:
+            return Classification(path, Verdict.MODEL_MISMATCH, why, header)
+    if expect.preprocess_fingerprint is not None:
+        recorded = meta["preprocess"].get("fingerprint")
+        if recorded != expect.preprocess_fingerprint:
+            return Classification(
+                path,
+                Verdict.PREPROCESS_MISMATCH,
+                f"preprocess preset {meta['preprocess'].get('preset')!r} differs from the one wanted",
+                header,
+            )
+    why = _context_problem(meta, expect, os.path.dirname(image), lookup)
+    if why:
+        return Classification(path, Verdict.CONTEXT_MISMATCH, why, header)
+    return Classification(path, Verdict.VALID, "", header)
+
+
+def _context_problem(
+    meta: dict[str, Any], expect: Expectation, folder: str, lookup: StatLookup
+) -> str | None:
+    ctx = meta["context"]
+    kind = ctx.get("kind", "none")
+    if expect.context_kind is not None and kind != expect.context_kind:
+        return f"context {kind!r} cached, {expect.context_kind!r} wanted"
+    if expect.context_signature is not None:
+        if ctx.get("signature") != expect.context_signature:
+            return "cached for a different history (context signature differs)"
+        return None
+    if kind == "none" or not expect.check_context_frames:
+        return None
+    frames: list[tuple[str, ImageKey]] = []
+    for rel in ctx.get("frames") or []:
+        st = lookup(os.path.normpath(os.path.join(folder, rel)))
+        if st is None:
+            return f"context frame {rel} is gone"
+        frames.append((rel, ImageKey.from_stat(st)))
+    settings = ContextSettings(kind, ctx.get("evict_start"), ctx.get("evict_recent"))
+    if context_signature(frames, settings, meta["model"].get("attention", "")) != ctx.get("signature"):
+        return "a context frame changed since the sidecar was written"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
