@@ -235,6 +235,7 @@ class Expectation:
     """
 
     model: ModelKey | None = None
+    model_fingerprint: str | None = None  # checked alone when only the checkpoint is known
     preprocess_fingerprint: str | None = None
     context_kind: str | None = None
     context_signature: str | None = None
@@ -304,6 +305,13 @@ def classify(
         why = expect.model.mismatch(meta["model"])
         if why:
             return Classification(path, Verdict.MODEL_MISMATCH, why, header)
+    elif (
+        expect.model_fingerprint is not None and meta["model"].get("fingerprint") != expect.model_fingerprint
+    ):
+        cached = str(meta["model"].get("fingerprint"))[:12]
+        return Classification(
+            path, Verdict.MODEL_MISMATCH, f"cached for model {cached}, not the current one", header
+        )
     if expect.preprocess_fingerprint is not None:
         recorded = meta["preprocess"].get("fingerprint")
         if recorded != expect.preprocess_fingerprint:
