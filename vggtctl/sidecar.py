@@ -23,36 +23,18 @@ import torch
 from vggtctl import __version__
 from vggtctl.keys import ContextSettings, ImageKey, ModelKey, context_signature, image_change
 
-SUFFIX = ".vggt_cache.pt"
-TEMP_MARK = SUFFIX + ".tmp-"
+# Names live in a torch-free module so listings (scan, status) do not import torch.
+from vggtctl.names import (  # noqa: F401  re-exported: the codec's public names
+    SUFFIX,
+    TEMP_MARK,
+    image_path_of,
+    is_sidecar_name,
+    is_temp_name,
+    sidecar_path,
+)
+
 FORMAT = "vggtctl.sidecar"
 VERSION = 1
-
-
-def sidecar_path(image_path: str | os.PathLike[str]) -> str:
-    return f"{os.fspath(image_path)}{SUFFIX}"
-
-
-def image_path_of(path: str | os.PathLike[str]) -> str:
-    """The image a sidecar (or one of its temp files) belongs to."""
-    text = os.fspath(path)
-    cut = text.rfind(SUFFIX)
-    if cut < 0:
-        raise ValueError(f"{text}: not a sidecar name")
-    return text[:cut]
-
-
-def is_sidecar_name(name: str) -> bool:
-    return name.endswith(SUFFIX) and len(name) > len(SUFFIX)
-
-
-def is_temp_name(name: str) -> bool:
-    """Our temp files: `<image><SUFFIX>.tmp-<pid>-<hex>`."""
-    cut = name.find(TEMP_MARK)
-    if cut <= 0:
-        return False
-    pid, _, token = name[cut + len(TEMP_MARK) :].partition("-")
-    return pid.isdigit() and bool(token) and all(c in "0123456789abcdef" for c in token)
 
 
 # --------------------------------------------------------------------------- meta
