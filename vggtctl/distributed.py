@@ -1,0 +1,134 @@
+"""Rank detection, device choice and self-relaunch through torch's elastic launcher.
+
+`precompute --gpus N` re-executes itself under `torch.distributed.run`; under an external
+torchrun the RANK/WORLD_SIZE/LOCAL_RANK variables decide the shard and the device. No
+home-made process pools across machines (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+RELAUNCHED_ENV = "VGGTCTL_RELAUNCHED"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info(environ: dict[str, str] | None = None) -> DistInfo:
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistInfo(rank, world, local_rank, local_world)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: affinity and Slurm's allocation, not os.cpu_count()."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_ON_NODE")
+    if slurm and slurm.isdigit():
+        count = min(count, int(slurm))
+    return max(1, count)
+
+
+def default_loader_workers(info: DistInfo) -> int:
+    """Decode workers per rank: the usable CPUs split over the ranks of this node, minus one
+    for the main (GPU-feeding) thread."""
+    return max(0, usable_cpus() // max(1, info.local_world_size) - 1)
+
+
+def pick_device(requested: str | None, info: DistInfo, devices: list[str] | None = None) -> torch.device:
+    """`--devices cuda:0,cuda:3` maps local ranks onto devices; default: cuda:LOCAL_RANK or CPU."""
+    if devices:
+        return torch.device(devices[info.local_rank % len(devices)])
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_group(info: DistInfo, timeout_s: float = 3600) -> bool:
+    """A Gloo group for small control messages (run id, final counts); None on a single rank."""
+    if not info.is_distributed:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def broadcast_object(value: Any, info: DistInfo) -> Any:
+    if not info.is_distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    if not info.is_distributed:
+        return [value]
+    import torch.distributed as dist
+
+    boxes: list[Any] = [None] * info.world_size
+    dist.all_gather_object(boxes, value)
+    return boxes
+
+
+def close_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def relaunch_argv(nproc: int, cli_args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m vggtctl ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "vggtctl",
+        *cli_args,
+    ]
+
+
+def relaunch(nproc: int, cli_args: list[str]) -> int:
+    """Run the command again under torch's elastic launcher and return its exit code."""
+    env = dict(os.environ, **{RELAUNCHED_ENV: "1"})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    proc = subprocess.Popen(relaunch_argv(nproc, cli_args), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(2)
+        return proc.wait()

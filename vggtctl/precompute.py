@@ -1,0 +1,732 @@
+"""The precompute pipeline (DESIGN §2, §6, §8):
+
+catalog -> one item per sidecar -> drop items already valid for this feature key (header
+check) -> fixed chunks, sharded by rank and claimed -> DataLoader workers decode/preprocess ->
+batches grouped by input shape -> encoder -> asynchronous atomic writes -> manifest entry.
+
+The GPU never waits on decoding (workers prefetch) or on writing (a bounded writer pool); the
+device->host copy of batch k overlaps the forward of batch k+1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vggtctl import sidecar
+from vggtctl.catalog import Catalog, Item, item_frames_for_key, load_catalog
+from vggtctl.claims import ClaimBook, chunk_id
+from vggtctl.data import FeatureStore
+from vggtctl.distributed import (
+    DistInfo,
+    broadcast_object,
+    close_group,
+    default_loader_workers,
+    dist_info,
+    gather_objects,
+    init_group,
+    pick_device,
+)
+from vggtctl.errors import ConfigError, ImageError
+from vggtctl.failures import Failure, FailureLog
+from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
+from vggtctl.rankprogress import RankAggregator, run_dir
+from vggtctl.sidecar import Verdict
+from vggtctl.writer import SidecarWriter
+
+CHUNK_ITEMS = 64
+
+
+@dataclass
+class PrecomputeOptions:
+    root: Path
+    vggt_model: str
+    qwen_model: str | None = None
+    preset: str = "janusvln"
+    layer: int = -2
+    attention: str | None = None  # default: causal for sequences, full for single frames
+    layout: str = "auto"
+    annotations: list[str] = field(default_factory=list)
+    data_path: str | None = None
+    max_history: int = 8
+    context: str = "auto"
+    evict_start: int | None = None
+    evict_recent: int | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
+    device: str | None = None
+    devices: list[str] | None = None
+    limit: int | None = None
+    force: bool = False
+    verify: bool = False
+    dry_run: bool = False
+    allow_download: bool = False
+    fsync: bool = False
+    writer_threads: int = 8
+    check_workers: int = 16
+
+
+@dataclass
+class Plan:
+    items: int
+    sidecars: int
+    conflicts: int
+    already_valid: int
+    to_encode: int
+    shard_items: int
+    bytes_per_item: int
+    projected_bytes: int
+    projected_seconds: float | None
+    layout: str
+    layout_reason: str
+    context: str
+    missing_images: int
+    catalog_problems: int
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    encoded: int = 0
+    failed: int = 0
+    skipped_claimed: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    disk_full: str = ""
+    verify_problems: int = 0
+    run_id: str = ""
+    ranks: int = 1
+    feature_key: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rate"] = self.rate
+        return data
+
+
+class Reporter:
+    """Progress hooks; the CLI renders them with Rich, the library default is silent."""
+
+    def start(self, total: int, plan: Plan) -> None: ...
+
+    def set_total(self, total: int) -> None: ...
+
+    def update(self, encoded: int, failed: int, nbytes: int) -> None:
+        """Absolute counts so far (summed over ranks on rank 0)."""
+
+    def message(self, text: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        value = getattr(torch, name)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"--dtype {name}: not a torch dtype (use bfloat16, float16 or float32)")
+    return value
+
+
+def build_encoder(opts: PrecomputeOptions, context_kind: str, device: torch.device) -> Any:
+    """Model + preset + encoder for these options (shared with `verify --recompute`)."""
+    from vggtctl.encoder import Encoder
+    from vggtctl.model import load_model
+    from vggtctl.preprocess import get_preset, qwen_patch_merge
+
+    patch, merge = qwen_patch_merge(opts.qwen_model) if opts.qwen_model else (14, 2)
+    preset = get_preset(opts.preset, patch_size=patch, merge_size=merge)
+    dtype_name = opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = _dtype(dtype_name)
+    loaded = load_model(
+        opts.vggt_model, device=device, dtype=torch.float32, allow_download=opts.allow_download
+    )
+    attention = opts.attention or ("causal" if context_kind == "sequence" else "full")
+    encoder = Encoder(
+        loaded,
+        preset,
+        layer=opts.layer,
+        attention=attention,
+        dtype=dtype,
+        device=device,
+        evict_start=opts.evict_start,
+        evict_recent=opts.evict_recent,
+    )
+    return encoder, preset
+
+
+def context_settings(opts: PrecomputeOptions, kind: str) -> ContextSettings:
+    if kind == "none":
+        return ContextSettings("none")
+    return ContextSettings("sequence", opts.evict_start, opts.evict_recent)
+
+
+def unique_by_sidecar(items: Sequence[Item]) -> tuple[list[Item], int]:
+    """One item per sidecar: the first in catalog order. Others with the same current image but
+    a different history cannot share the per-image sidecar; they are counted as conflicts."""
+    seen: dict[str, Item] = {}
+    conflicts = 0
+    for item in items:
+        first = seen.get(item.image)
+        if first is None:
+            seen[item.image] = item
+        elif first.frames != item.frames:
+            conflicts += 1
+    return list(seen.values()), conflicts
+
+
+def chunked(items: Sequence[Item], key_id: str) -> list[tuple[str, list[int]]]:
+    """Fixed chunks of the full (deduplicated) item order: the same on every rank and host."""
+    chunks = []
+    for start in range(0, len(items), CHUNK_ITEMS):
+        indices = list(range(start, min(start + CHUNK_ITEMS, len(items))))
+        chunks.append((chunk_id(key_id, items[start].image, start), indices))
+    return chunks
+
+
+def find_todo(
+    items: Sequence[Item], indices: Sequence[int], store: FeatureStore, workers: int
+) -> tuple[list[int], int]:
+    """Header-check items in parallel; returns the indices that need encoding and the valid count."""
+    if not indices:
+        return [], 0
+
+    def needs_work(i: int) -> bool:
+        return store.check(items[i]).verdict is not Verdict.VALID
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+        flags = list(pool.map(needs_work, indices, chunksize=64))
+    todo = [i for i, flag in zip(indices, flags, strict=True) if flag]
+    return todo, len(indices) - len(todo)
+
+
+# --------------------------------------------------------------------------- decode workers
+
+
+@dataclass
+class Prepared:
+    index: int
+    pixels: torch.Tensor  # [S,3,H,W] (sequence) or [3,H,W] (single frame)
+    meta: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    index: int
+    failure: Failure
+
+
+class ItemDataset(Dataset):
+    """Decodes and preprocesses one item in a DataLoader worker; a bad image becomes `Failed`.
+
+    Consecutive items of an episode share frames, so each worker keeps a small LRU of
+    preprocessed frames.
+    """
+
+    def __init__(self, items: Sequence[Item], preset: Any, key: FeatureKey, frame_cache: int = 32) -> None:
+        self.items = items
+        self.preset = preset
+        self.key = key
+        self.frame_cache = frame_cache
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, path: str) -> Any:
+        hit = self._cache.get(path)
+        if hit is not None:
+            self._cache.move_to_end(path)
+            return hit
+        value = self.preset.load(path)
+        self._cache[path] = value
+        if len(self._cache) > self.frame_cache:
+            self._cache.popitem(last=False)
+        return value
+
+    def __getitem__(self, index: int) -> Prepared | Failed:
+        item = self.items[index]
+        sequence = self.key.context.kind == "sequence"
+        try:
+            frames = item_frames_for_key(item)
+        except OSError as err:
+            path = getattr(err, "filename", None) or item.image
+            return Failed(index, Failure(str(path), "decode", f"cannot stat: {err.strerror or err}"))
+        try:
+            loaded = [self._load(p) for p in item.frames] if sequence else [self._load(item.image)]
+        except ImageError as err:
+            return Failed(index, Failure(err.path, "decode", err.reason))
+        except Exception as err:
+            return Failed(index, Failure(item.image, "decode", f"{type(err).__name__}: {err}"))
+        current = loaded[-1]
+        if sequence and any(p.tensor.shape != current.tensor.shape for p in loaded):
+            reason = "context frames preprocess to different sizes; cannot stream them together"
+            return Failed(index, Failure(item.image, "decode", reason))
+        pixels = torch.stack([p.tensor for p in loaded]) if sequence else current.tensor
+        _image_name, image_key = frames[-1]
+        meta = sidecar.build_meta(
+            image_name=os.path.basename(item.image),
+            image_key=image_key,
+            model=self.key.model,
+            preprocess={
+                "fingerprint": self.key.preprocess_fingerprint,
+                "preset": self.key.preset,
+                "input_hw": list(current.input_hw),
+                "grid_hw": list(current.grid_hw),
+            },
+            context=self.key.context,
+            frames=[name for name, _ in frames] if sequence else [],
+            signature=self.key.signature_for(frames) if sequence else None,
+        )
+        return Prepared(index, pixels, meta)
+
+
+def _identity(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+class ClaimingSampler:
+    """Yields small lists of item indices, claiming each chunk just before its first index is
+    handed to a worker (the DataLoader consumes samplers in the main process)."""
+
+    def __init__(
+        self,
+        chunks: list[tuple[str, list[int]]],
+        claims: ClaimBook | None,
+        load_batch: int,
+        recheck: Callable[[list[int]], list[int]],
+        on_chunk: Callable[[str, list[int]], None],
+        stop: threading.Event,
+    ) -> None:
+        self.chunks = chunks
+        self.claims = claims
+        self.load_batch = load_batch
+        self.recheck = recheck
+        self.on_chunk = on_chunk
+        self.stop = stop
+        self.skipped_claimed = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk, indices in self.chunks:
+            if self.stop.is_set():
+                return
+            if self.claims is not None:
+                if not self.claims.try_claim(chunk):
+                    self.skipped_claimed += len(indices)
+                    continue
+                indices = self.recheck(indices)  # another process may have finished some
+            self.on_chunk(chunk, indices)
+            for start in range(0, len(indices), self.load_batch):
+                yield indices[start : start + self.load_batch]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """Counters shared by the writer threads and the main loop."""
+
+    def __init__(self, reporter: Reporter, failures: FailureLog) -> None:
+        self.reporter = reporter
+        self.failures = failures
+        self.lock = threading.Lock()
+        self.encoded = 0
+        self.bytes = 0
+        self.written_paths: list[str] = []
+        self.chunk_left: dict[str, int] = {}
+        self.index_chunk: dict[int, str] = {}
+
+    def fail(self, failure: Failure) -> None:
+        self.failures.add(failure)
+        self._report()
+
+    def wrote(self, path: str, nbytes: int) -> None:
+        with self.lock:
+            self.encoded += 1
+            self.bytes += nbytes
+            self.written_paths.append(path)
+        self._report()
+
+    def _report(self) -> None:
+        with self.lock:
+            self.reporter.update(self.encoded, self.failures.count, self.bytes)
+
+
+def plan_run(
+    opts: PrecomputeOptions, catalog: Catalog, key: FeatureKey, info: DistInfo, bytes_per_item: int
+) -> tuple[Plan, list[Item], list[tuple[str, list[int]]], list[int], FeatureStore]:
+    items, conflicts = unique_by_sidecar(catalog.items)
+    store = FeatureStore(key)
+    key_id = fingerprint_json(key.to_meta())
+    chunks = chunked(items, key_id)
+    mine = [c for n, c in enumerate(chunks) if n % info.world_size == info.rank]
+    shard = [i for _, idx in mine for i in idx]
+    if opts.force:
+        todo, valid = shard, 0
+    else:
+        todo, valid = find_todo(items, shard, store, opts.check_workers)
+    if opts.limit is not None:
+        todo = todo[: max(0, opts.limit)]
+    rate = None
+    with contextlib.suppress(Exception):
+        from vggtctl.manifest import load as load_manifest
+
+        rate = load_manifest(opts.root).last_rate
+    plan = Plan(
+        items=len(catalog.items),
+        sidecars=len(items),
+        conflicts=conflicts,
+        already_valid=valid,
+        to_encode=len(todo),
+        shard_items=len(shard),
+        bytes_per_item=bytes_per_item,
+        projected_bytes=bytes_per_item * len(todo),
+        projected_seconds=(len(todo) / rate) if rate else None,
+        layout=catalog.layout,
+        layout_reason=catalog.reason,
+        context=catalog.context_kind,
+        missing_images=len(catalog.missing_images),
+        catalog_problems=len(catalog.problems),
+    )
+    return plan, items, mine, todo, store
+
+
+def estimate_sidecar_bytes(encoder: Any, preset: Any, sample_image: str | None) -> int:
+    """Features bytes for one item (patches x 2C x dtype) plus the archive overhead."""
+    if sample_image is None:
+        return 0
+    try:
+        grid = preset.load(sample_image).grid_hw
+    except Exception:
+        return 0
+    channels = 2 * encoder.embed_dim if hasattr(encoder, "embed_dim") else 0
+    itemsize = torch.empty((), dtype=encoder.dtype).element_size()
+    return grid[0] * grid[1] * channels * itemsize + 2048
+
+
+def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
+    """Run (or plan, with dry_run) a precompute over `opts.root` on this rank."""
+    reporter = reporter or Reporter()
+    info = dist_info()
+    root = Path(opts.root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data root is not a folder")
+    catalog = load_catalog(
+        root,
+        opts.layout,
+        annotations=opts.annotations,
+        data_path=opts.data_path,
+        max_history=opts.max_history,
+        context=opts.context,
+    )
+    device = pick_device(opts.device, info, opts.devices)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    encoder, preset = build_encoder(opts, catalog.context_kind, device)
+    key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
+    sample = catalog.items[0].image if catalog.items else None
+    plan, items, mine, todo, store = plan_run(
+        opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, sample)
+    )
+    outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
+    if opts.dry_run:
+        return outcome
+
+    grouped = init_group(info)
+    run_id = broadcast_object(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], info)
+    outcome.run_id = run_id
+    failures = FailureLog(root, run_id, info.rank)
+    if info.is_distributed:
+        reporter = RankAggregator(reporter, run_dir(root, run_id), info.rank, info.world_size)
+    progress = _Progress(reporter, failures)
+    for problem in catalog.problems:
+        reporter.message(f"{problem.file}:{problem.line}: {problem.reason}")
+    todo_set = set(todo)
+    my_chunks = [(cid, [i for i in idx if i in todo_set]) for cid, idx in mine]
+    my_chunks = [(cid, idx) for cid, idx in my_chunks if idx]
+
+    start = time.perf_counter()
+    reporter.start(len(todo), plan)
+    try:
+        _encode_all(opts, items, my_chunks, store, encoder, preset, key, device, progress, outcome, reporter)
+    finally:
+        outcome.seconds = time.perf_counter() - start
+        outcome.encoded = progress.encoded
+        outcome.bytes_written = progress.bytes
+        outcome.failed = failures.count
+        reporter.finish()
+
+    if opts.verify and progress.written_paths:
+        outcome.verify_problems = sum(
+            sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
+        )
+    if grouped:
+        _merge_ranks(outcome, info)
+        close_group()
+    if info.is_main:
+        _record_manifest(opts, outcome, key)
+    return outcome
+
+
+def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
+    parts = gather_objects(
+        (
+            outcome.encoded,
+            outcome.failed,
+            outcome.bytes_written,
+            outcome.skipped_claimed,
+            outcome.verify_problems,
+        ),
+        info,
+    )
+    outcome.encoded = sum(p[0] for p in parts)
+    outcome.failed = sum(p[1] for p in parts)
+    outcome.bytes_written = sum(p[2] for p in parts)
+    outcome.skipped_claimed = sum(p[3] for p in parts)
+    outcome.verify_problems = sum(p[4] for p in parts)
+
+
+def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey) -> None:
+    try:
+        from vggtctl import manifest
+    except ImportError:
+        return
+    settings = {
+        "vggt_model": opts.vggt_model,
+        "qwen_model": opts.qwen_model,
+        "preset": opts.preset,
+        "layer": opts.layer,
+        "attention": key.model.attention,
+        "layout": outcome.plan.layout,
+        "annotations": list(opts.annotations),
+        "data_path": opts.data_path,
+        "max_history": opts.max_history,
+        "context": outcome.plan.context,
+        "dtype": key.model.dtype,
+    }
+    entry = {
+        "kind": "precompute",
+        "run": outcome.run_id,
+        "settings": settings,
+        "encoded": outcome.encoded,
+        "failed": outcome.failed,
+        "already_valid": outcome.plan.already_valid,
+        "bytes": outcome.bytes_written,
+        "seconds": round(outcome.seconds, 3),
+        "rate": outcome.rate if outcome.encoded else None,
+        "ranks": outcome.ranks,
+        "interrupted": outcome.interrupted,
+    }
+    with contextlib.suppress(OSError):
+        manifest.record_run(opts.root, entry, key)
+
+
+def _encode_all(
+    opts: PrecomputeOptions,
+    items: list[Item],
+    chunks: list[tuple[str, list[int]]],
+    store: FeatureStore,
+    encoder: Any,
+    preset: Any,
+    key: FeatureKey,
+    device: torch.device,
+    progress: _Progress,
+    outcome: Outcome,
+    reporter: Reporter,
+) -> None:
+    if not chunks:
+        return
+    cuda = device.type == "cuda"
+    batch_size = opts.batch_size or (32 if cuda else 4)
+    if key.context.kind == "sequence" and opts.batch_size is None:
+        batch_size = max(1, batch_size // 2)
+    workers = opts.workers if opts.workers is not None else default_loader_workers(dist_info())
+    stop = threading.Event()
+    claims = ClaimBook(opts.root)
+    lock = threading.Lock()
+
+    def chunk_started(chunk: str, indices: list[int]) -> None:
+        with lock:
+            progress.chunk_left[chunk] = len(indices)
+            for i in indices:
+                progress.index_chunk[i] = chunk
+        if not indices:
+            claims.release(chunk)
+
+    def item_done(index: int) -> None:
+        with lock:
+            chunk = progress.index_chunk.pop(index, None)
+            if chunk is None:
+                return
+            progress.chunk_left[chunk] -= 1
+            finished = progress.chunk_left[chunk] == 0
+        if finished:
+            claims.release(chunk)
+
+    def recheck(indices: list[int]) -> list[int]:
+        if opts.force:
+            return indices
+        return [i for i in indices if store.check(items[i]).verdict is not Verdict.VALID]
+
+    def on_written(token: Any, nbytes: int | None, error: BaseException | None) -> None:
+        index, path = token
+        if error is None and nbytes is not None:
+            progress.wrote(path, nbytes)
+        else:
+            reason = getattr(error, "strerror", None) or str(error)
+            progress.fail(
+                Failure(items[index].image, "write", f"cannot write {os.path.basename(path)}: {reason}")
+            )
+        item_done(index)
+
+    sampler = ClaimingSampler(chunks, claims, max(1, min(8, batch_size)), recheck, chunk_started, stop)
+    loader = DataLoader(
+        ItemDataset(items, preset, key),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)
+    pipeline = _GpuPipeline(
+        encoder, key.context.kind == "sequence", device, writer, items, progress, item_done
+    )
+    buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
+    heartbeat = time.monotonic()
+    try:
+        for loaded in loader:
+            for sample in loaded:
+                if isinstance(sample, Failed):
+                    progress.fail(sample.failure)
+                    item_done(sample.index)
+                    continue
+                bucket = buckets[tuple(sample.pixels.shape)]
+                bucket.append(sample)
+                if len(bucket) >= batch_size:
+                    pipeline.submit(bucket[:batch_size])
+                    del bucket[:batch_size]
+            if writer.disk_full.is_set():
+                outcome.disk_full = writer.disk_full_message
+                stop.set()
+                break
+            if time.monotonic() - heartbeat > 30:
+                claims.heartbeat()
+                heartbeat = time.monotonic()
+        if not stop.is_set():
+            for bucket in buckets.values():
+                for start in range(0, len(bucket), batch_size):
+                    pipeline.submit(bucket[start : start + batch_size])
+        pipeline.flush()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        stop.set()
+        reporter.message("interrupted: finishing in-flight writes, a rerun resumes")
+        with contextlib.suppress(Exception):
+            pipeline.flush()
+    finally:
+        writer.close()
+        claims.release_all()
+        outcome.skipped_claimed = sampler.skipped_claimed
+        if writer.disk_full.is_set():
+            outcome.disk_full = writer.disk_full_message
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+
+
+class _GpuPipeline:
+    """Launch batch k, then hand batch k-1's features (already copied to host) to the writers."""
+
+    def __init__(
+        self,
+        encoder: Any,
+        sequence: bool,
+        device: torch.device,
+        writer: Any,
+        items: list[Item],
+        progress: _Progress,
+        item_done: Callable[[int], None],
+    ) -> None:
+        self.encoder = encoder
+        self.sequence = sequence
+        self.device = device
+        self.writer = writer
+        self.items = items
+        self.progress = progress
+        self.item_done = item_done
+        self.pending: tuple[Any, torch.Tensor, list[Prepared]] | None = None
+
+    def submit(self, batch: list[Prepared]) -> None:
+        try:
+            launched = self._launch(batch)
+        except Exception as err:  # e.g. out of memory for one batch: fail its items, go on
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            for sample in batch:
+                self.progress.fail(
+                    Failure(self.items[sample.index].image, "encode", f"{type(err).__name__}: {err}")
+                )
+                self.item_done(sample.index)
+            return
+        self._drain()
+        self.pending = launched
+
+    def flush(self) -> None:
+        self._drain()
+
+    def _launch(self, batch: list[Prepared]) -> tuple[Any, torch.Tensor, list[Prepared]]:
+        cuda = self.device.type == "cuda"
+        first = batch[0].pixels
+        staging = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=cuda)
+        torch.stack([s.pixels for s in batch], out=staging)
+        pixels = staging.to(self.device, non_blocking=True)
+        feats = self.encoder.encode_sequences(pixels) if self.sequence else self.encoder.encode_frames(pixels)
+        if not cuda:
+            return None, feats, batch
+        host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+        host.copy_(feats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, host, batch
+
+    def _drain(self) -> None:
+        if self.pending is None:
+            return
+        event, host, batch = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        for row, sample in enumerate(batch):
+            image = self.items[sample.index].image
+            path = sidecar.sidecar_path(image)
+            # clone: each sidecar owns exactly its rows; the batch buffer is reused by torch.
+            self.writer.submit(path, host[row].clone(), sample.meta, (sample.index, path))
+
+
+def sample_items(items: Sequence[Item], k: int, seed: int | None = None) -> list[Item]:
+    rng = random.Random(seed)
+    return rng.sample(list(items), min(k, len(items)))

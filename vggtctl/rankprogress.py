@@ -1,0 +1,82 @@
+"""Progress aggregated over ranks without collectives: every rank rewrites a small JSON file
+under `<root>/.vggtctl/runs/<run>/`, and rank 0 shows the sum. Ranks run at different speeds,
+so a periodic all-reduce would make fast ranks wait for slow ones."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from vggtctl.scan import PRIVATE_DIR
+
+
+def run_dir(root: str | os.PathLike[str], run_id: str) -> Path:
+    return Path(root) / PRIVATE_DIR / "runs" / run_id
+
+
+class RankAggregator:
+    """Wraps a reporter: counts locally, publishes them, and (on rank 0) reports the sum."""
+
+    def __init__(self, inner: Any, folder: Path, rank: int, world_size: int, interval_s: float = 1.0) -> None:
+        self.inner = inner
+        self.folder = folder
+        self.rank = rank
+        self.world_size = world_size
+        self.interval_s = interval_s
+        self.counts = {"total": 0, "encoded": 0, "failed": 0, "bytes": 0}
+        self._last = 0.0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, total: int, plan: Any) -> None:
+        self.counts["total"] = total
+        self._publish(force=True)
+        if self.rank == 0:
+            self.inner.start(self._sum()["total"], plan)
+
+    def update(self, encoded: int, failed: int, nbytes: int) -> None:
+        self.counts.update(encoded=encoded, failed=failed, bytes=nbytes)
+        if self._publish() and self.rank == 0:
+            totals = self._sum()
+            self.inner.set_total(totals["total"])
+            self.inner.update(totals["encoded"], totals["failed"], totals["bytes"])
+
+    def message(self, text: str) -> None:
+        self.inner.message(f"[rank {self.rank}] {text}" if self.world_size > 1 else text)
+
+    def finish(self) -> None:
+        self._publish(force=True)
+        if self.rank == 0:
+            totals = self._sum()
+            self.inner.update(totals["encoded"], totals["failed"], totals["bytes"])
+            self.inner.finish()
+
+    def _publish(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return False
+        self._last = now
+        path = self.folder / f"rank{self.rank}.json"
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(self.counts))
+            os.replace(tmp, path)
+        return True
+
+    def _sum(self) -> dict[str, int]:
+        totals = {"total": 0, "encoded": 0, "failed": 0, "bytes": 0}
+        for rank in range(self.world_size):
+            counts = self.counts if rank == self.rank else _read(self.folder / f"rank{rank}.json")
+            for name in totals:
+                totals[name] += int(counts.get(name, 0))
+        return totals
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
