@@ -1,0 +1,104 @@
+"""The `episodes` layout: folders of `step_<idx>_<ACTION>.<ext>` frames, one folder per episode.
+
+An episode is any folder under the root (the root itself included) that directly holds step
+images; usually `<root>/<episode>/`. Steps are ordered by the integer idx; the sample at
+position j streams frames 0..j, left-padded with frame 0 to `max_history + 1` frames while
+j <= max_history, else `numpy.linspace(0, j, max_history + 1, dtype=int)` — the history rule of
+JanusVLN-style trainers, so every sequence has exactly max_history + 1 frames, current last.
+Only names are read: no image is stat'ed or opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+
+from vggtctl.catalog._walk import NameListing
+from vggtctl.catalog.base import CatalogProblem, Item
+
+# The action alphabet follows the reference trainer; the extension is matched case-insensitively.
+STEP_PATTERN = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(?i:jpe?g|png)$")
+IGNORED_EXAMPLES = 5
+
+
+def step_index(name: str) -> int | None:
+    """The integer idx of a step image name, or None when the name is not a step image."""
+    match = STEP_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
+def history_positions(j: int, max_history: int) -> list[int]:
+    """Positions (in step order) of the frames streamed for the sample at position j."""
+    if max_history == 0:
+        return [j]
+    if j <= max_history:
+        return [0] * (max_history - j) + list(range(j + 1))
+    return np.linspace(0, j, max_history + 1, dtype=int).tolist()
+
+
+class EpisodeBuilder:
+    """Folds name listings into episode items; feed listings in any order, then `finish`."""
+
+    def __init__(self, root: str, max_history: int, sequence: bool) -> None:
+        self.root = root
+        self.max_history = max_history
+        self.sequence = sequence
+        self.episodes: dict[str, list[tuple[int, str]]] = {}
+        self.problems: list[CatalogProblem] = []
+        self.ignored = 0
+        self.ignored_examples: list[str] = []
+
+    def add(self, listing: NameListing) -> None:
+        steps: list[tuple[int, str]] = []
+        for name in listing.images:
+            idx = step_index(name)
+            if idx is not None:
+                steps.append((idx, name))
+        if not steps:
+            return
+        for name in listing.others + [n for n in listing.images if step_index(n) is None]:
+            self.ignored += 1
+            if len(self.ignored_examples) < IGNORED_EXAMPLES:
+                self.ignored_examples.append(os.path.join(listing.path, name))
+        steps.sort()
+        duplicates = sorted(idx for idx, count in Counter(idx for idx, _ in steps).items() if count > 1)
+        if duplicates:
+            names = [name for idx, name in steps if idx == duplicates[0]]
+            more = f" (and {len(duplicates) - 1} more duplicated steps)" if len(duplicates) > 1 else ""
+            self.problems.append(
+                CatalogProblem(
+                    listing.path,
+                    None,
+                    f"episode skipped: step {duplicates[0]} appears {len(names)} times "
+                    f"({', '.join(names)}){more}",
+                )
+            )
+            return
+        self.episodes[listing.path] = steps
+
+    def finish(self) -> list[Item]:
+        items: list[Item] = []
+        for folder in sorted(self.episodes):
+            paths = [os.path.join(folder, name) for _, name in self.episodes[folder]]
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            for j, path in enumerate(paths):
+                sample_id = os.path.basename(path) if rel == "." else f"{rel}/{os.path.basename(path)}"
+                if self.sequence:
+                    frames = tuple(paths[p] for p in history_positions(j, self.max_history))
+                else:
+                    frames = (path,)
+                items.append(Item(frames, sample_id))
+        return items
+
+
+def build_episodes(
+    root: str, listings: Iterable[NameListing], max_history: int, sequence: bool
+) -> tuple[list[Item], EpisodeBuilder]:
+    builder = EpisodeBuilder(root, max_history, sequence)
+    for listing in listings:
+        builder.add(listing)
+    return builder.finish(), builder
