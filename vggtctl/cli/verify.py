@@ -1,12 +1,120 @@
-"""`vggtctl verify` (placeholder until its issue lands)."""
+"""`vggtctl verify`: read every sidecar in full and report what is not `valid` (exit 1 if any)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, ConfigError, VggtctlError
+
+HELP = """Check every sidecar under ROOT: full read (tensor finite, shape matches its meta), image
+freshness, model/preprocess/context against the current feature key.
+
+The current model is --vggt-model, else the key recorded in ROOT/vggt_cache_manifest.json by
+precompute; without either, no model check is made (the output says so).
+
+Exit codes: 0 all valid, 1 problems found (anything not valid, legacy and temp files included,
+or an unreadable folder), 2 usage error, 130 interrupted.
+
+Examples:
+
+  vggtctl verify /data/train
+
+  vggtctl verify /data/train --quick --json > report.json
+
+  vggtctl verify /data/train --vggt-model /models/VGGT-1B
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("verify")
-    def command() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(2)
+    @app.command("verify", help=HELP)
+    def command(
+        root: Path | None = typer.Argument(
+            None,
+            help="Data root (default: VGGTCTL_DATA_ROOT, vggtctl.toml data_root, or the working folder).",
+        ),
+        quick: bool = typer.Option(
+            False, "--quick", help="Headers only: no tensor reads (like status --deep)."
+        ),
+        vggt_model: str | None = typer.Option(
+            None, "--vggt-model", help="Checkpoint file/folder (or cached Hub id) that is current."
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", min=1, help="I/O threads (default: 4 per core, max 32)."
+        ),
+        recompute: int | None = typer.Option(
+            None,
+            "--recompute",
+            min=1,
+            metavar="K",
+            help="Also recompute K sidecars and compare (arrives with precompute).",
+        ),
+        as_json: bool = typer.Option(
+            False, "--json", help="One JSON document on stdout: counts, bytes, every problem."
+        ),
+    ) -> None:
+        from vggtctl.cli import render
+
+        try:
+            code = run(
+                root,
+                quick=quick,
+                vggt_model=vggt_model,
+                workers=workers,
+                recompute=recompute,
+                as_json=as_json,
+            )
+        except VggtctlError as error:
+            render.fail(error)
+        except KeyboardInterrupt:
+            render.err.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(code)
+
+
+def recompute_check(report: object, root: str, k: int) -> None:
+    """Extension point for `--recompute K`: recompute K sidecars with the current model and move
+    mismatches to a problem verdict with `report.reclassify(...)`. Lands with precompute."""
+    raise ConfigError("--recompute arrives with precompute; it is not available in this version")
+
+
+def run(
+    root_arg: Path | None,
+    *,
+    quick: bool,
+    vggt_model: str | None,
+    workers: int | None,
+    recompute: int | None,
+    as_json: bool,
+) -> int:
+    from vggtctl import audit, settings
+    from vggtctl.cli import audit_view, render
+
+    root = str(settings.resolve_data_root(root_arg))
+    if recompute:
+        recompute_check(None, root, recompute)  # fails fast (exit 2) until precompute provides it
+    expect = audit.expectation_from(root, vggt_model)
+    if not audit.has_model_check(expect) and not as_json:
+        render.err.print(f"note: {audit.describe(expect)}")
+    report = audit_view.run_audit(root, expect, full=not quick, workers=workers, label="Verifying sidecars")
+    if recompute:
+        recompute_check(report, root, recompute)
+    code = EXIT_OK if report.ok else EXIT_PROBLEMS
+    if as_json:
+        render.print_json({**report.to_json(), "ok": report.ok, "exit_code": code})
+        return code
+    mode = "header check" if quick else "full read"
+    render.out.print(f"Verified {report.files:,} files under {root} ({mode}); images: {report.images:,}")
+    render.out.print(f"Checked against: {report.expectation}")
+    render.out.print(audit_view.verdict_table(report))
+    audit_view.print_scan_warnings(report)
+    if report.ok:
+        render.out.print(f"[green]All {report.count(audit.Verdict.VALID):,} sidecars are valid.[/]")
+    else:
+        render.out.print(
+            f"[red]{report.problem_count:,} problem(s)[/] in {report.files:,} files"
+            + (f", {len(report.unreadable)} unreadable folder(s)" if report.unreadable else "")
+            + "; `--json` lists every path with its reason, `vggtctl prune` removes them."
+        )
+    return code

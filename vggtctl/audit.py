@@ -1,0 +1,360 @@
+"""Classify every sidecar and temp file under a data root, in one walk (DESIGN §8).
+
+`Auditor` takes the scan's per-folder listings as they stream in and classifies their sidecars
+on a thread pool, reusing the listing's stat results (nothing is stat'ed twice; temp files are
+judged by name and never opened). Only aggregates and problems are kept: a root with 10^7 valid
+sidecars costs counters, not 10^7 objects. `status --deep`, `verify` and `prune` all start here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vggtctl import manifest, scan
+from vggtctl.keys import checkpoint_fingerprint
+from vggtctl.sidecar import Expectation, Verdict, classify
+
+CHUNK = 32  # sidecars per pool task: amortizes task overhead on folders with many files
+
+ProgressCallback = Callable[[int, int], None]  # (files classified, files found so far)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One file that is not `valid`. `stamp` = (inode, size, mtime_ns) as scanned, so a
+    deleter can tell whether the file changed since it was judged."""
+
+    path: str
+    verdict: Verdict
+    reason: str
+    bytes: int
+    stamp: tuple[int, int, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "verdict": self.verdict.value, "reason": self.reason, "bytes": self.bytes}
+
+
+@dataclass
+class VerdictStats:
+    count: int = 0
+    bytes: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "bytes": self.bytes, "examples": list(self.examples)}
+
+
+@dataclass
+class AuditReport:
+    """Per verdict: count, bytes, example paths; every problem; optional per-group counts."""
+
+    root: str | None = None
+    full: bool = False
+    examples: int = 5
+    verdicts: dict[Verdict, VerdictStats] = field(
+        default_factory=lambda: {v: VerdictStats() for v in Verdict}
+    )
+    problems: list[Problem] = field(default_factory=list)
+    groups: dict[str, Counter[Verdict]] = field(default_factory=dict)
+    group_bytes: dict[str, Counter[Verdict]] = field(default_factory=dict)
+    images: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    symlinked_dirs: list[str] = field(default_factory=list)
+    expectation: str = ""
+
+    # -- queries
+    def count(self, verdict: Verdict) -> int:
+        return self.verdicts[verdict].count
+
+    def bytes(self, verdict: Verdict) -> int:
+        return self.verdicts[verdict].bytes
+
+    @property
+    def files(self) -> int:
+        """Sidecars and temp files judged."""
+        return sum(s.count for s in self.verdicts.values())
+
+    @property
+    def problem_count(self) -> int:
+        return sum(s.count for v, s in self.verdicts.items() if v is not Verdict.VALID)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0 and not self.unreadable
+
+    # -- building
+    def add(
+        self,
+        verdict: Verdict,
+        path: str,
+        nbytes: int,
+        reason: str = "",
+        *,
+        group: str | None = None,
+        stamp: tuple[int, int, int] | None = None,
+    ) -> None:
+        stats = self.verdicts[verdict]
+        stats.count += 1
+        stats.bytes += nbytes
+        if len(stats.examples) < self.examples:
+            stats.examples.append(path)
+        if verdict is not Verdict.VALID:
+            self.problems.append(Problem(path, verdict, reason, nbytes, stamp))
+        if group is not None:
+            self.groups.setdefault(group, Counter())[verdict] += 1
+            self.group_bytes.setdefault(group, Counter())[verdict] += nbytes
+
+    def reclassify(
+        self, path: str, old: Verdict, new: Verdict, reason: str, nbytes: int, *, group: str | None = None
+    ) -> None:
+        """Move one file to another verdict: how later checks (e.g. `verify --recompute`, which
+        compares stored features with fresh ones) merge their findings into this report."""
+        if old is new:
+            return
+        stats = self.verdicts[old]
+        stats.count -= 1
+        stats.bytes -= nbytes
+        if path in stats.examples:
+            stats.examples.remove(path)
+        self.problems = [p for p in self.problems if p.path != path]
+        if group is not None and group in self.groups:
+            self.groups[group][old] -= 1
+            self.group_bytes[group][old] -= nbytes
+        self.add(new, path, nbytes, reason, group=group)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "root": self.root,
+            "mode": "full" if self.full else "header",
+            "expectation": self.expectation,
+            "images": self.images,
+            "files": self.files,
+            "problem_count": self.problem_count,
+            "verdicts": {v.value: s.to_json() for v, s in self.verdicts.items()},
+            "problems": [p.to_json() for p in sorted(self.problems, key=lambda p: p.path)],
+            "unreadable": list(self.unreadable),
+            "symlinked_dirs": list(self.symlinked_dirs),
+        }
+        if self.groups:
+            doc["groups"] = {
+                g: {
+                    v.value: {"count": n, "bytes": self.group_bytes[g][v]}
+                    for v, n in sorted(c.items(), key=lambda kv: kv[0].value)
+                    if n
+                }
+                for g, c in sorted(self.groups.items())
+            }
+        return doc
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+class Auditor:
+    """Feed it `scan.DirListing`s (e.g. as `scan.summarize(on_listing=auditor.feed)`), then
+    call `report()`. Header reads by default; `full=True` reads and checks every tensor."""
+
+    def __init__(
+        self,
+        expect: Expectation | None,
+        *,
+        full: bool = False,
+        workers: int | None = None,
+        examples: int = 5,
+        group_of: Callable[[str], str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.expect = expect
+        self.full = full
+        self.group_of = group_of
+        self.progress = progress
+        self._workers = workers or scan.default_workers()
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="audit")
+        # Back-pressure: a huge folder must not queue millions of tasks ahead of the pool.
+        self._slots = threading.BoundedSemaphore(self._workers * 4)
+        self._lock = threading.Lock()
+        self._report = AuditReport(full=full, examples=examples)
+        self._found = 0
+        self._done = 0
+        self._error: BaseException | None = None
+        self._closed = False
+
+    # -- feeding
+    def feed(self, listing: scan.DirListing) -> None:
+        """Judge every sidecar and temp file of one folder (sidecars on the pool)."""
+        if self._closed:
+            raise RuntimeError("Auditor.feed after report()")
+        with self._lock:
+            self._report.images += len(listing.images)
+            if listing.error:
+                self._report.unreadable.append(listing.error)
+            self._report.symlinked_dirs.extend(listing.symlinked_dirs)
+            for name, st in listing.temps.items():
+                path = os.path.join(listing.path, name)
+                self._record(path, Verdict.TEMP, st, "temp file left by an interrupted write")
+            self._found += len(listing.temps) + len(listing.sidecars)
+            self._done += len(listing.temps)
+        names = sorted(listing.sidecars)
+        for start in range(0, len(names), CHUNK):
+            self._slots.acquire()
+            try:
+                self._pool.submit(self._classify_chunk, listing, names[start : start + CHUNK])
+            except BaseException:
+                self._slots.release()
+                raise
+        if listing.temps and self.progress is not None:
+            self.progress(self._done, self._found)
+
+    def _classify_chunk(self, listing: scan.DirListing, names: list[str]) -> None:
+        try:
+            lookup = listing.stat_lookup()
+            results = []
+            for name in names:
+                path = os.path.join(listing.path, name)
+                image_name = listing.image_of(name)
+                image_stat = listing.images.get(image_name)
+                if image_stat is None:
+                    # Not listed: gone, or a name the scan does not count as an image (e.g.
+                    # `.tif`). Ask the file system so such sidecars are never called orphans.
+                    image_stat = _stat_or_none(os.path.join(listing.path, image_name))
+                result = classify(
+                    path, self.expect, full=self.full, image_stat=image_stat, stat_lookup=lookup
+                )
+                results.append((result, listing.sidecars[name]))
+            with self._lock:
+                for result, st in results:
+                    self._record(result.path, result.verdict, st, result.reason)
+                self._done += len(results)
+                done, found = self._done, self._found
+            if self.progress is not None:
+                self.progress(done, found)
+        except BaseException as err:  # surfaced by report(); a bug must not vanish in a thread
+            with self._lock:
+                self._error = self._error or err
+        finally:
+            self._slots.release()
+
+    def _record(self, path: str, verdict: Verdict, st: os.stat_result, reason: str) -> None:
+        group = self.group_of(path) if self.group_of is not None else None
+        self._report.add(verdict, path, st.st_size, reason, group=group, stamp=_stamp(st))
+
+    # -- result
+    def report(self) -> AuditReport:
+        """Wait for outstanding work and return the report (call once)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+        self._report.unreadable.sort()
+        self._report.symlinked_dirs.sort()
+        return self._report
+
+    def close(self) -> None:
+        """Stop early (e.g. on Ctrl-C): drop queued work."""
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def audit(
+    root: str | os.PathLike[str],
+    expect: Expectation | None,
+    *,
+    full: bool = False,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    group_of: Callable[[str], str] | None = None,
+    examples: int = 5,
+) -> AuditReport:
+    """One walk of `root`, every sidecar and temp file classified."""
+    auditor = Auditor(
+        expect, full=full, workers=workers, examples=examples, group_of=group_of, progress=progress
+    )
+    try:
+        scan.summarize(root, workers=workers, on_listing=auditor.feed)
+    except BaseException:
+        auditor.close()
+        raise
+    report = auditor.report()
+    report.root = os.fspath(root)
+    report.expectation = describe(expect)
+    return report
+
+
+# --------------------------------------------------------------------------- expectation
+
+
+def resolve_checkpoint_file(spec: str) -> str:
+    """The weights file behind `--vggt-model` (a file, a folder holding model.safetensors or
+    model.pt, or a Hub id already in the local Hugging Face cache; never downloads).
+
+    Delegates to the model package, so verify/prune fingerprint exactly the file precompute
+    loaded; a bad spec raises CheckpointError (exit 2).
+    """
+    from vggtctl.model.checkpoint import resolve_weights
+
+    return str(resolve_weights(spec, allow_download=False)[0])
+
+
+def model_fingerprint(spec: str) -> str:
+    """The fingerprint sidecars record for the model `spec` names (no weights are loaded)."""
+    from vggtctl.model.checkpoint import TINY_RANDOM, TINY_RANDOM_FINGERPRINT
+
+    if spec == TINY_RANDOM:
+        return TINY_RANDOM_FINGERPRINT
+    return checkpoint_fingerprint(resolve_checkpoint_file(spec))
+
+
+def expectation_from(root: str | os.PathLike[str], vggt_model: str | None = None) -> Expectation:
+    """What `valid` means for this root: the model named by `--vggt-model` (fingerprint only);
+    else the manifest's current feature key (model, preprocess, context kind); else no model
+    check (an empty Expectation: image freshness and context frames are still checked)."""
+    if vggt_model:
+        return Expectation(model_fingerprint=model_fingerprint(vggt_model))
+    key = manifest.load(root).current_key
+    if key is None:
+        return Expectation()
+    return Expectation(
+        model=key.model, preprocess_fingerprint=key.preprocess_fingerprint, context_kind=key.context.kind
+    )
+
+
+def has_model_check(expect: Expectation | None) -> bool:
+    return expect is not None and (expect.model is not None or expect.model_fingerprint is not None)
+
+
+def describe(expect: Expectation | None) -> str:
+    """One line saying what `valid` was checked against (shown by verify/prune)."""
+    if not has_model_check(expect):
+        return "no model check (pass --vggt-model, or run precompute to record the model in the manifest)"
+    assert expect is not None
+    parts = []
+    if expect.model is not None:
+        m = expect.model
+        parts.append(f"model {m.name} {m.fingerprint[:12]} layer {m.layer} {m.attention} {m.dtype}")
+    else:
+        parts.append(f"model {str(expect.model_fingerprint)[:12]}")
+    if expect.preprocess_fingerprint:
+        parts.append(f"preprocess {expect.preprocess_fingerprint[:12]}")
+    if expect.context_kind:
+        parts.append(f"context {expect.context_kind}")
+    return ", ".join(parts)
+
+
+def problems_in(report: AuditReport, verdicts: Iterable[Verdict]) -> list[Problem]:
+    wanted = set(verdicts)
+    return [p for p in report.problems if p.verdict in wanted]

@@ -1,0 +1,249 @@
+"""`<root>/vggt_cache_manifest.json`: what the cache under a data root was computed with.
+
+It holds the current feature key (so `verify`/`prune` know the current model without flags),
+the settings it was computed with, and a bounded history of precompute runs (their rate feeds
+`status`' time estimate) and prunes. The file is advisory: a missing or corrupt manifest is a
+warning and a fresh start, never a crash. Writers re-read and merge under a lock file in
+`<root>/.vggtctl/`, and replace the file atomically, so two nodes recording at once lose nothing
+(where the file system has no locks, the atomic replace still prevents a torn file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vggtctl.keys import FeatureKey
+from vggtctl.scan import PRIVATE_DIR
+
+MANIFEST_NAME = "vggt_cache_manifest.json"
+LOCK_NAME = "manifest.lock"
+FORMAT = "vggtctl.manifest"
+VERSION = 1
+HISTORY_LIMIT = 100
+
+log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
+
+def manifest_path(root: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(root), MANIFEST_NAME)
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest. `problem` says why the file on disk was ignored, if it was."""
+
+    root: str
+    feature_key: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    updated: float | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    prunes: list[dict[str, Any]] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def path(self) -> str:
+        return manifest_path(self.root)
+
+    @property
+    def current_key(self) -> FeatureKey | None:
+        """The feature key of the latest recorded run, or None (absent or unreadable)."""
+        if not self.feature_key:
+            return None
+        try:
+            return FeatureKey.from_meta(self.feature_key)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
+    def last_rate(self) -> float | None:
+        """Items per second of the latest run that reported one (for time-to-finish estimates)."""
+        for run in reversed(self.runs):
+            rate = _run_rate(run)
+            if rate:
+                return rate
+        return None
+
+    def last_run_settings(self) -> dict[str, Any] | None:
+        """The settings of the latest run that recorded any (what `verify --recompute` reuses)."""
+        for run in reversed(self.runs):
+            if isinstance(run.get("settings"), dict) and run["settings"]:
+                return dict(run["settings"])
+        return dict(self.settings) if self.settings else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "updated": self.updated,
+            "current": {"feature_key": self.feature_key, "settings": self.settings},
+            "runs": self.runs,
+            "prunes": self.prunes,
+        }
+
+
+def _run_rate(run: dict[str, Any]) -> float | None:
+    rate = run.get("rate")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        return float(rate)
+    items, seconds = run.get("items"), run.get("seconds")
+    if isinstance(items, (int, float)) and isinstance(seconds, (int, float)) and items > 0 and seconds > 0:
+        return float(items) / float(seconds)
+    return None
+
+
+# --------------------------------------------------------------------------- read
+
+
+def _parse(root: str, data: Any) -> Manifest:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError("not a vggtctl manifest")
+    if data.get("version") != VERSION:
+        raise ValueError(f"unsupported manifest version {data.get('version')!r}")
+    current = data.get("current") if isinstance(data.get("current"), dict) else {}
+    key = current.get("feature_key")
+    settings = current.get("settings")
+    runs, prunes = data.get("runs"), data.get("prunes")
+    return Manifest(
+        root=root,
+        feature_key=key if isinstance(key, dict) else None,
+        settings=settings if isinstance(settings, dict) else {},
+        updated=data.get("updated") if isinstance(data.get("updated"), (int, float)) else None,
+        runs=[r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else [],
+        prunes=[p for p in prunes if isinstance(p, dict)] if isinstance(prunes, list) else [],
+    )
+
+
+def _read(root: str) -> tuple[Manifest, bool]:
+    """(manifest, file_is_corrupt). A missing file is an empty manifest, not a problem."""
+    path = manifest_path(root)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return _parse(root, data), False
+    except FileNotFoundError:
+        return Manifest(root=root), False
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return Manifest(root=root, problem=f"{path}: ignored, cannot read it ({reason})"), True
+
+
+def load(root: str | os.PathLike[str]) -> Manifest:
+    """The manifest under `root`; missing -> empty, corrupt -> empty with `problem` set (and logged)."""
+    manifest, corrupt = _read(os.fspath(root))
+    if corrupt:
+        log.warning("%s", manifest.problem)
+    return manifest
+
+
+# --------------------------------------------------------------------------- write
+
+
+@contextlib.contextmanager
+def _locked(root: str) -> Iterator[None]:
+    """Exclusive lock on `<root>/.vggtctl/manifest.lock`; best effort where locks are unsupported."""
+    fh = None
+    try:
+        folder = os.path.join(root, PRIVATE_DIR)
+        os.makedirs(folder, exist_ok=True)
+        fh = open(os.path.join(folder, LOCK_NAME), "a+b")  # noqa: SIM115 - held across the yield
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    except OSError as err:
+        log.debug("manifest lock unavailable under %s: %s", root, err)
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()  # closing releases the flock
+
+
+def _write(manifest: Manifest) -> None:
+    path = manifest.path
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest.to_json(), fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _stamp(entry: dict[str, Any]) -> dict[str, Any]:
+    stamped = dict(entry)
+    stamped.setdefault("time", time.time())
+    stamped.setdefault("host", socket.gethostname())
+    return stamped
+
+
+def _update(root: str | os.PathLike[str], change: Any) -> Manifest | None:
+    """Re-read under the lock, apply `change(manifest)`, write atomically. Never raises OSError:
+    the manifest is advisory, so a read-only root costs a warning, not the command."""
+    root = os.fspath(root)
+    try:
+        with _locked(root):
+            manifest, corrupt = _read(root)
+            if corrupt:
+                aside = f"{manifest.path}.corrupt-{int(time.time())}"
+                with contextlib.suppress(OSError):
+                    os.replace(manifest.path, aside)
+                log.warning("%s; moved aside to %s", manifest.problem, os.path.basename(aside))
+            change(manifest)
+            manifest.updated = time.time()
+            manifest.problem = None
+            _write(manifest)
+            return manifest
+    except OSError as err:
+        log.warning("%s: cannot update the manifest: %s", manifest_path(root), err.strerror or err)
+        return None
+
+
+def record_run(
+    root: str | os.PathLike[str], entry: dict[str, Any], key: FeatureKey | None = None
+) -> Manifest | None:
+    """Append a precompute run; with `key`, it becomes the current feature key.
+
+    `entry` (JSON-able): "settings" (dict; becomes the current settings when `key` is given),
+    "counts" (dict), "items" (int), "seconds" (float), "rate" (items/s; derived from items and
+    seconds when absent). "time" and "host" are filled in when missing.
+    """
+
+    def change(manifest: Manifest) -> None:
+        run = _stamp(entry)
+        if "rate" not in run and _run_rate(run):
+            run["rate"] = _run_rate(run)
+        if key is not None:
+            manifest.feature_key = key.to_meta()
+            run.setdefault("feature_key", manifest.feature_key)
+            if isinstance(entry.get("settings"), dict):
+                manifest.settings = dict(entry["settings"])
+        manifest.runs = [*manifest.runs, run][-HISTORY_LIMIT:]
+
+    return _update(root, change)
+
+
+def record_prune(root: str | os.PathLike[str], entry: dict[str, Any]) -> Manifest | None:
+    """Append a prune: "categories", "files", "bytes_freed", "failed" ("time"/"host" filled in)."""
+
+    def change(manifest: Manifest) -> None:
+        manifest.prunes = [*manifest.prunes, _stamp(entry)][-HISTORY_LIMIT:]
+
+    return _update(root, change)
