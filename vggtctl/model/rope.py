@@ -32,7 +32,10 @@ class Rope2D:
         key = (grid_h, grid_w, num_special, torch.device(device), dtype)
         found = self._cache.get(key)
         if found is None:
-            found = self._build(grid_h, grid_w, num_special, torch.device(device), dtype)
+            # Normal (non-inference) tensors, so a table built under inference_mode stays usable
+            # outside it.
+            with torch.inference_mode(False), torch.no_grad():
+                found = self._build(grid_h, grid_w, num_special, torch.device(device), dtype)
             with self._lock:
                 self._cache[key] = found
         return found
