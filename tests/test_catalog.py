@@ -371,5 +371,8 @@ def test_item_and_problem_basics() -> None:
     with pytest.raises(ValueError):
         Item(())
     assert Item(("/a/b.jpg",)).image == "/a/b.jpg"
+    assert Item.from_paths(["/a/./h.jpg", Path("/a/x/../b.jpg")], "s1") == Item(
+        ("/a/h.jpg", "/a/b.jpg"), "s1"
+    )
     assert str(CatalogProblem("f.json", None, "bad")) == "f.json: bad"
     assert isinstance(Catalog([], "plain", "r", "none").summary(), str)

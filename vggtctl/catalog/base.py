@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from vggtctl.keys import ImageKey
@@ -30,6 +30,11 @@ class Item:
     @property
     def image(self) -> str:
         return self.frames[-1]
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | os.PathLike[str]], sample_id: str | None = None) -> Item:
+        """An Item from a trainer's own frame list (history then current), paths made absolute."""
+        return cls(tuple(os.path.normpath(os.path.abspath(os.fspath(p))) for p in paths), sample_id)
 
 
 @dataclass(frozen=True)
