@@ -215,6 +215,9 @@ class DirStats:
 _COUNTERS = tuple(f.name for f in fields(DirStats) if f.name != "name")
 
 
+ScanProgress = Callable[[int, int], None]  # (folders listed, files counted) so far
+
+
 @dataclass
 class ScanSummary:
     root: str
@@ -264,6 +267,8 @@ class _Partial:
     rows: dict[str, DirStats] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
     symlinked: list[str] = field(default_factory=list)
+    folders: int = 0
+    files: int = 0  # images, sidecars and temps (for progress)
 
     def fold(self, listing: DirListing, row_name: str) -> None:
         if listing.error:
@@ -272,7 +277,10 @@ class _Partial:
         row = self.rows.get(row_name)
         if row is None:
             row = self.rows[row_name] = DirStats(name=row_name)
-        row.add(listing_stats(listing, row_name))
+        stats = listing_stats(listing, row_name)
+        row.add(stats)
+        self.folders += 1
+        self.files += stats.images + stats.sidecars + stats.temps
 
     def merge(self, other: _Partial) -> None:
         for name, stats in other.rows.items():
@@ -283,6 +291,8 @@ class _Partial:
                 row.add(stats)
         self.unreadable.extend(other.unreadable)
         self.symlinked.extend(other.symlinked)
+        self.folders += other.folders
+        self.files += other.files
 
 
 def _fold_subtrees(job: tuple[str, list[str], int, int]) -> _Partial:
@@ -314,7 +324,9 @@ _SUBTREES_PER_PROCESS = 8
 _SERIAL_FILE_BUDGET = 20_000
 
 
-def _summarize_parallel(root: str, depth: int, processes: int, workers: int) -> _Partial:
+def _summarize_parallel(
+    root: str, depth: int, processes: int, workers: int, progress: ScanProgress | None
+) -> _Partial:
     partial = _Partial()
     frontier: deque[str] = deque([root])
     seen = 0
@@ -325,6 +337,8 @@ def _summarize_parallel(root: str, depth: int, processes: int, workers: int) -> 
         seen += len(listing.images) + len(listing.sidecars)
         partial.fold(listing, group_of(root, listing.path, depth))
         frontier.extend(listing.subdirs)
+        if progress is not None:
+            progress(partial.folders, partial.files)
     if not frontier:
         return partial
     subtrees = list(frontier)
@@ -341,6 +355,8 @@ def _summarize_parallel(root: str, depth: int, processes: int, workers: int) -> 
     with pool:
         for result in pool.imap_unordered(_fold_subtrees, jobs):
             partial.merge(result)
+            if progress is not None:
+                progress(partial.folders, partial.files)
     return partial
 
 
@@ -351,18 +367,21 @@ def summarize(
     on_listing: Callable[[DirListing], None] | None = None,
     *,
     processes: int | None = None,
+    progress: ScanProgress | None = None,
 ) -> ScanSummary:
     """Walk once and aggregate per row; `on_listing` sees every folder (e.g. for deep checks).
 
     With `on_listing` the walk runs on `workers` threads of this process (the callback needs
     the listings here); without it, `processes` worker processes (default: one per core) each
-    fold whole subtrees, using `workers // processes` threads apiece.
+    fold whole subtrees, using `workers // processes` threads apiece. `progress(folders,
+    files)` is called on this thread as the walk advances (no display thread needed, so the
+    worker processes can be forked from a single-threaded parent).
     """
     root = os.fspath(root)
     workers = workers or default_workers()
     procs = processes if processes is not None else default_processes()
     if on_listing is None and procs > 1:
-        partial = _summarize_parallel(root, depth, procs, workers)
+        partial = _summarize_parallel(root, depth, procs, workers, progress)
     else:
         partial = _Partial()
         listings = _walk_serial([root]) if workers <= 1 else _walk_many([root], workers)
@@ -370,6 +389,8 @@ def summarize(
             partial.fold(listing, group_of(root, listing.path, depth))
             if on_listing is not None:
                 on_listing(listing)
+            if progress is not None:
+                progress(partial.folders, partial.files)
     total = DirStats(name="total")
     for row in partial.rows.values():
         total.add(row)
