@@ -87,9 +87,14 @@ class Aggregator(nn.Module):
         self.image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """torch.compile every transformer block (same code and shapes -> one shared graph)."""
+        """torch.compile every transformer block, and the cached (streaming) path of global blocks.
+
+        Blocks share code, so identical shapes reuse one graph; the trunk loop stays eager.
+        """
         for block in [*self.patch_embed.blocks, *self.frame_blocks, *self.global_blocks]:
             block.compile(**compile_kwargs)
+        for block in self.global_blocks:
+            block.forward_cached = torch.compile(block.forward_cached, **compile_kwargs)
 
     # ------------------------------------------------------------------ pieces
 

@@ -6,7 +6,7 @@ by name, from a `config.json`, or by matching the embed dim of the weights.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -148,7 +148,3 @@ def config_from_reference_json(data: dict[str, Any]) -> AggregatorConfig:
         vit=vit,
     )
     return _validate(config)
-
-
-def with_overrides(config: AggregatorConfig, **changes: Any) -> AggregatorConfig:
-    return _validate(replace(config, **changes))
