@@ -7,8 +7,11 @@ below is written down by hand from the layout, not computed by the code under te
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import pytest
 
 SIDECAR = ".vggt_cache.pt"
 
@@ -104,3 +107,22 @@ def build_wide(root: Path, episodes: int = 40) -> dict[str, int]:
         images += n
         cached += k
     return {"images": images, "cached": cached}
+
+
+def deny(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make `folder` unreadable to this process even as root: refuse to open or list it."""
+    denied = str(folder)
+    real_open, real_scandir = os.open, os.scandir
+
+    def fake_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.fspath(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", denied)
+        return real_open(path, *args, **kwargs)
+
+    def fake_scandir(path="."):  # type: ignore[no-untyped-def]
+        if not isinstance(path, int) and os.fspath(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", denied)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "scandir", fake_scandir)

@@ -3,7 +3,6 @@ and the same answer from threads and from worker processes."""
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -67,28 +66,9 @@ def test_image_names() -> None:
     assert not scan.is_image_name("notes.txt") and not scan.is_image_name("jpg")
 
 
-def _deny(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    """Make `folder` unreadable to this process even as root: refuse to open or list it."""
-    denied = str(folder)
-    real_open, real_scandir = os.open, os.scandir
-
-    def fake_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if os.fspath(path) == denied:
-            raise PermissionError(errno.EACCES, "Permission denied", denied)
-        return real_open(path, *args, **kwargs)
-
-    def fake_scandir(path="."):  # type: ignore[no-untyped-def]
-        if not isinstance(path, int) and os.fspath(path) == denied:
-            raise PermissionError(errno.EACCES, "Permission denied", denied)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "scandir", fake_scandir)
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_unreadable_folder_is_reported_not_fatal(tree: Path, monkeypatch, processes: int) -> None:
-    _deny(monkeypatch, tree / "ep1")
+    scantree.deny(monkeypatch, tree / "ep1")
     summary = scan.summarize(tree, workers=2, processes=processes)
     assert summary.unreadable == [f"{tree / 'ep1'}: Permission denied"]
     assert summary.rows["ep1"].images == 0  # nothing below it could be seen

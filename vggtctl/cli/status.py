@@ -1,12 +1,314 @@
-"""`vggtctl status` (placeholder until its issue lands)."""
+"""`vggtctl status`: cache coverage per folder, from one walk of the data root."""
 
 from __future__ import annotations
 
+import os
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+from vggtctl.errors import EXIT_INTERRUPTED, ConfigError, VggtctlError
+
+if TYPE_CHECKING:
+    from vggtctl.status import StatusReport
+
+HELP = """Show how much of ROOT is cached: one row per folder at --depth (default: each direct
+subfolder, e.g. each episode; files directly in ROOT form a "." row), with images, cached,
+coverage, missing, orphan sidecars, temp debris and sizes; then free space, the projected
+cache size at full coverage and the time to finish at the last measured precompute rate.
+
+Counts come from file names and one stat per file; nothing is opened. --deep also reads each
+sidecar's header (never its tensor) and splits cached into valid / stale / mismatch / ...
+
+Examples:
+
+  vggtctl status /data/train
+
+  vggtctl status /data/train --sort coverage --top 20
+
+  vggtctl status /data/train --depth 0 --json
+
+  vggtctl status /data/train --deep --vggt-model /models/VGGT-1B
+"""
+
+
+class Sort(str, Enum):
+    name = "name"
+    coverage = "coverage"
+    missing = "missing"
+    size = "size"
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("status")
-    def command() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(2)
+    @app.command("status", help=HELP)
+    def command(
+        root: Path | None = typer.Argument(
+            None,
+            help="Data root (default: VGGTCTL_DATA_ROOT, vggtctl.toml data_root, or the working folder).",
+        ),
+        depth: int = typer.Option(1, "--depth", min=0, help="Folder depth of a row (0: one row for ROOT)."),
+        sort: Sort = typer.Option(
+            Sort.name, "--sort", help="Row order: name, coverage (worst first), missing, size (most first)."
+        ),
+        top: int | None = typer.Option(None, "--top", min=1, metavar="K", help="Show only the first K rows."),
+        workers: int | None = typer.Option(
+            None, "--workers", min=1, help="Concurrent listings (default: 4 per core, max 32; more on NFS)."
+        ),
+        processes: int | None = typer.Option(
+            None, "--processes", min=1, help="Scan processes (default: one per core; 1 = threads only)."
+        ),
+        deep: bool = typer.Option(
+            False, "--deep", help="Read every sidecar's header and split cached into verdicts."
+        ),
+        vggt_model: str | None = typer.Option(
+            None, "--vggt-model", help="With --deep: the current checkpoint (default: the manifest's key)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout and nothing else."),
+    ) -> None:
+        from vggtctl.cli import render
+
+        try:
+            report = run(root, depth, sort.value, top, workers, processes, deep, vggt_model)
+        except VggtctlError as error:
+            render.fail(error)
+        except KeyboardInterrupt:
+            render.err.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        for problem in report.unreadable:
+            render.err.print(f"warning: cannot read {problem} (skipped)", markup=False, soft_wrap=True)
+        if as_json:
+            render.print_json(report.to_json())
+        else:
+            show(report)
+
+
+def run(
+    root_arg: Path | None,
+    depth: int,
+    sort: str,
+    top: int | None,
+    workers: int | None,
+    processes: int | None,
+    deep: bool,
+    vggt_model: str | None,
+) -> StatusReport:
+    """Resolve settings and build the report (a spinner on stderr when it is a terminal)."""
+    from vggtctl import settings
+    from vggtctl.cli import render
+    from vggtctl.status import build_status
+
+    if vggt_model and not deep:
+        raise ConfigError("--vggt-model only applies with --deep")
+    root = settings.resolve_data_root(root_arg)
+    config = settings.find_config(root)
+    workers = _positive_int("workers", settings.pick("workers", workers, config, "status"))
+    processes = _positive_int("processes", settings.pick("processes", processes, config, "status"))
+    build = dict(
+        depth=depth,
+        sort=sort,
+        top=top,
+        workers=workers,
+        processes=processes,
+        deep=deep,
+        vggt_model=vggt_model,
+    )
+    if not render.err.is_terminal:
+        return build_status(root, **build)  # type: ignore[arg-type]
+    if deep:
+        from vggtctl.cli.audit_view import progress_bar
+
+        with progress_bar("Reading sidecar headers") as bar:
+            task = bar.add_task("Reading sidecar headers", total=None)
+            return build_status(
+                root,
+                progress=lambda done, found: bar.update(task, completed=done, total=found),
+                **build,  # type: ignore[arg-type]
+            )
+    return _with_scan_line(root, build)
+
+
+def _with_scan_line(root: Path, build: dict[str, object]) -> StatusReport:
+    """A transient "Scanning..." line on stderr, redrawn from this thread: a display thread
+    would keep the scan from forking its worker processes."""
+    import time
+
+    from rich.live import Live
+    from rich.text import Text
+
+    from vggtctl.cli import render
+    from vggtctl.status import build_status
+
+    last = 0.0
+    with Live(Text(f"Scanning {root} ..."), console=render.err, auto_refresh=False, transient=True) as live:
+
+        def tick(folders: int, files: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 0.1:
+                last = now
+                live.update(Text(f"Scanning {root}: {folders:,} folders, {files:,} files"), refresh=True)
+
+        return build_status(root, scan_progress=tick, **build)  # type: ignore[arg-type]
+
+
+def _positive_int(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r}: not a whole number") from None
+    if number < 1:
+        raise ConfigError(f"{name} = {number}: must be 1 or more")
+    return number
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def show(report: StatusReport) -> None:
+    """The table and its footer on stdout."""
+    from vggtctl.cli import render
+
+    plain = "NO_COLOR" in os.environ or not render.out.is_terminal
+    table = status_table(report, plain=plain)
+    console = render.out
+    if plain:
+        from rich.console import Console
+
+        # Not a terminal (or a reader who wants plain text): no fixed width, so never wrap or
+        # cut a folder name; colors stay off exactly as on `render.out`.
+        console = Console(width=100_000, no_color=render.out.no_color, highlight=False)
+    console.print(table)
+    for line in footer_lines(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def status_table(report: StatusReport, *, plain: bool):  # -> rich.table.Table
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from vggtctl.cli import render
+    from vggtctl.status import VERDICT_ORDER
+
+    deep_columns = []
+    if report.deep is not None:
+        deep_columns = [v for v in VERDICT_ORDER if v not in ("orphan", "temp") and report.deep.count(v)]
+    table = Table(
+        box=None if plain else box.SIMPLE_HEAD,
+        show_footer=False,
+        pad_edge=False,
+        header_style="" if plain else "bold",
+    )
+    table.add_column("folder", overflow="fold")
+    for title in ("images", "cached"):
+        table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("coverage", justify="right" if plain else "left", no_wrap=True)
+    for title in ("missing", *deep_columns, "orphans", "temps", "cache size", "image size"):
+        table.add_column(title, justify="right", no_wrap=True)
+
+    def cells(stats, verdicts):  # -> list of renderables
+        row = [
+            Text(stats.name),
+            f"{stats.images:,}",
+            f"{stats.cached:,}",
+            _coverage_cell(stats.cached, stats.images, plain),
+            f"{stats.missing:,}",
+        ]
+        for verdict in deep_columns:
+            row.append(f"{(verdicts or {}).get(verdict, 0):,}")
+        row += [
+            f"{stats.orphans:,}",
+            f"{stats.temps:,}",
+            render.size(stats.sidecar_bytes),
+            render.size(stats.image_bytes),
+        ]
+        return row
+
+    for row in report.rows:
+        table.add_row(*cells(row.stats, row.verdicts))
+    if report.rows_total > 1 or report.top is not None:
+        totals = {v: report.deep.count(v) for v in deep_columns} if report.deep is not None else None
+        table.add_section()
+        total_cells = cells(report.total, totals)
+        total_cells[0] = Text("total", style="" if plain else "bold")
+        table.add_row(*total_cells)
+    return table
+
+
+def _coverage_cell(cached: int, images: int, plain: bool):  # -> str | Text
+    from rich.text import Text
+
+    if not images:
+        return "-"
+    share = cached / images
+    percent = f"{100 * share:5.1f}%"
+    if plain:
+        return percent.strip()
+    width = 10
+    filled = round(share * width)
+    if cached < images:
+        filled = min(filled, width - 1)  # a bar is full only when nothing is missing
+    color = "green" if cached == images else "yellow" if share >= 0.5 else "red"
+    return Text.assemble(("█" * filled, color), ("░" * (width - filled), "dim"), " ", percent)
+
+
+def footer_lines(report: StatusReport) -> list[str]:
+    from vggtctl.cli import render
+    from vggtctl.status import VERDICT_ORDER
+
+    foot = report.footer
+    total = report.total
+    lines = []
+    if report.top is not None and report.rows_total > len(report.rows):
+        lines.append(f"Showing {len(report.rows)} of {report.rows_total} rows (sorted by {report.sort}).")
+    if foot.free_bytes is not None:
+        lines.append(
+            f"Free space: {render.size(foot.free_bytes)} of {render.size(foot.fs_total_bytes or 0)} "
+            "on this file system."
+        )
+    if foot.projected_cache_bytes is None:
+        lines.append("Cache at full coverage: unknown until the first sidecar is written.")
+    else:
+        fits = "" if foot.fits is None else ("; fits" if foot.fits else "; does NOT fit in the free space")
+        lines.append(
+            f"Cache at full coverage: ~{render.size(foot.projected_cache_bytes)} "
+            f"({render.size(foot.mean_sidecar_bytes or 0)} per sidecar x {total.images:,} images); "
+            f"{render.size(foot.remaining_cache_bytes or 0)} still to write{fits}."
+        )
+    if foot.todo_items == 0:
+        lines.append("Time to finish: nothing left to compute.")
+    elif foot.eta_seconds is None:
+        lines.append(
+            f"Time to finish: unknown for {foot.todo_items:,} items (no precompute rate in the manifest yet)."
+        )
+    else:
+        lines.append(
+            f"Time to finish: ~{render.duration(foot.eta_seconds)} for {foot.todo_items:,} items "
+            f"at {foot.rate:,.1f} items/s (last precompute run)."
+        )
+    if foot.manifest_problem:
+        lines.append(f"Note: {foot.manifest_problem}")
+    if total.temps:
+        lines.append(
+            f"Temp debris: {total.temps:,} files, {render.size(total.temp_bytes)} "
+            "(left by interrupted writes; `vggtctl prune` removes them)."
+        )
+    if total.orphans:
+        lines.append(
+            f"Orphans: {total.orphans:,} sidecars whose image is gone (`vggtctl prune` removes them)."
+        )
+    if report.deep is not None:
+        verdicts = report.deep.verdicts
+        counts = ", ".join(f"{v} {verdicts[v]['count']:,}" for v in VERDICT_ORDER if v in verdicts)
+        lines.append(f"Headers checked against: {report.deep.expectation}.")
+        lines.append(f"Verdicts: {counts or 'no sidecars'}.")
+    if report.symlinked_dirs:
+        lines.append(f"Not followed: {len(report.symlinked_dirs):,} symlinked folder(s).")
+    if report.unreadable:
+        lines.append(f"Unreadable: {len(report.unreadable):,} folder(s) skipped (see the warnings above).")
+    lines.append(f"Scanned {total.folders:,} folders in {report.scan_seconds:.1f} s.")
+    return lines
