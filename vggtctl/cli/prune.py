@@ -96,6 +96,10 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(code)
 
 
+def _files(count: int) -> str:
+    return f"{count:,} file" if count == 1 else f"{count:,} files"
+
+
 def _flag_list() -> str:
     from vggtctl.prune import iter_category_help
 
@@ -158,9 +162,9 @@ def run(
         if as_json:
             render.print_json({"dry_run": True, "plan": plan.to_json(), "result": None})
         else:
-            render.out.print(f"Dry run: would delete {len(plan.files):,} files, freeing {plan.freed_str}.")
+            render.out.print(f"Dry run: would delete {_files(len(plan.files))}, freeing {plan.freed_str}.")
         return EXIT_OK
-    if not yes and not _confirm(f"Delete {len(plan.files):,} files, freeing {plan.freed_str}?"):
+    if not yes and not _confirm(f"Delete {_files(len(plan.files))}, freeing {plan.freed_str}?"):
         if as_json:
             render.print_json({"dry_run": False, "declined": True, "plan": plan.to_json(), "result": None})
         else:
@@ -178,11 +182,9 @@ def run(
     if as_json:
         render.print_json({"dry_run": False, "plan": plan.to_json(), "result": result.to_json()})
     else:
-        render.out.print(f"Deleted {result.deleted:,} files, freed {result.freed_str}.")
+        render.out.print(f"Deleted {_files(result.deleted)}, freed {result.freed_str}.")
         if result.failed:
-            render.out.print(
-                f"[red]{len(result.failed):,} file(s) could not be deleted[/] (listed on stderr)."
-            )
+            render.out.print(f"[red]{_files(len(result.failed))} could not be deleted[/] (listed on stderr).")
     if result.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PARTIAL if result.failed else EXIT_OK

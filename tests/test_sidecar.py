@@ -1,0 +1,245 @@
+"""The sidecar codec: round trip, classification of every kind of file, and the safety promises
+(a hostile pickle never runs, a killed writer never leaves a torn sidecar)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import treebuilder as tb
+
+from vggtctl import sidecar
+from vggtctl.keys import ContextSettings, ImageKey
+from vggtctl.sidecar import Expectation, Verdict
+
+
+def test_round_trip_keeps_features_and_meta(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    feats = tb.features(3)
+    path = tb.write_sidecar(image, feats=feats)
+    assert path.name == "a.jpg.vggt_cache.pt"
+    loaded = sidecar.read(path)
+    assert torch.equal(loaded.features, feats)
+    assert loaded.header.version == 1
+    assert loaded.header.shape == (4, 8)
+    assert loaded.header.meta["model"]["fingerprint"] == tb.CURRENT_FINGERPRINT
+    assert loaded.header.meta["image"]["size"] == image.stat().st_size
+    # The documented three-line read works on a file the codec wrote.
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    assert set(raw) == {"features", "format", "version", "meta"}
+    assert raw["format"] == "vggtctl.sidecar"
+
+
+def test_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    tb.write_sidecar(image)
+    tb.write_sidecar(image, feats=tb.features(1))  # overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "a.jpg.vggt_cache.pt"]
+
+
+@pytest.mark.parametrize("kind", [k for k, v in tb.KINDS.items() if v is not None])
+def test_classify_each_kind(tmp_path: Path, kind: str) -> None:
+    tree = tb.make_tree(tmp_path, {"ep/x.jpg": kind})
+    ((path, verdict),) = tree.expected.items()
+    got = sidecar.classify(path, tb.expectation())
+    assert got.verdict is verdict, got.reason
+    assert (got.reason == "") == (verdict is Verdict.VALID)
+
+
+def test_precedence_corrupt_before_orphan_and_orphan_before_legacy(tmp_path: Path) -> None:
+    corrupt_orphan = tb.write_sidecar(tb.write_image(tmp_path / "a.jpg"))
+    tb.truncate(corrupt_orphan)
+    (tmp_path / "a.jpg").unlink()
+    legacy_orphan = tb.write_legacy(tb.write_image(tmp_path / "b.jpg"))
+    (tmp_path / "b.jpg").unlink()
+    assert sidecar.classify(corrupt_orphan).verdict is Verdict.CORRUPT
+    assert sidecar.classify(legacy_orphan).verdict is Verdict.ORPHAN
+
+
+def test_quick_vs_full_read_of_nan_features(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    feats = tb.features()
+    feats[0, 0] = float("nan")
+    path = tb.write_sidecar(image, feats=feats)
+    assert sidecar.classify(path).verdict is Verdict.VALID  # the header is fine
+    full = sidecar.classify(path, full=True)
+    assert full.verdict is Verdict.CORRUPT and "NaN" in full.reason
+
+
+def test_model_fingerprint_only_expectation(tmp_path: Path) -> None:
+    path = tb.write_sidecar(tb.write_image(tmp_path / "a.jpg"), model=tb.OTHER_MODEL)
+    expect = Expectation(model_fingerprint=tb.CURRENT_FINGERPRINT)
+    assert sidecar.classify(path, expect).verdict is Verdict.MODEL_MISMATCH
+    assert (
+        sidecar.classify(path, Expectation(model_fingerprint=tb.OTHER_FINGERPRINT)).verdict is Verdict.VALID
+    )
+
+
+def test_image_hash_keeps_touched_image_valid(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    meta = sidecar.build_meta(
+        image_name=image.name,
+        image_key=ImageKey.of(image, with_hash=True),
+        model=tb.CURRENT_MODEL,
+        preprocess=tb.PREPROCESS,
+        context=ContextSettings(),
+        frames=[],
+        signature=None,
+    )
+    path = sidecar.sidecar_path(image)
+    sidecar.write(path, tb.features(), meta)
+    tb.touch_later(image)
+    assert sidecar.classify(path).verdict is Verdict.VALID
+
+
+@pytest.mark.parametrize(
+    ("name", "is_sidecar", "is_temp"),
+    [
+        ("x.jpg.vggt_cache.pt", True, False),
+        ("x.vggt_cache.pt.bak", False, False),
+        ("x.vggt_cache.pt2", False, False),
+        ("vggt_cache.pt", False, False),
+        (".vggt_cache.pt", False, False),
+        ("x.jpg.vggt_cache.pt.tmp-123-0a1b", False, True),
+        ("x.jpg.vggt_cache.pt.tmp-abc-0a1b", False, False),
+        ("x.jpg.vggt_cache.pt.tmp-123-XYZ", False, False),
+        (".vggt_cache.pt.tmp-1-ab", False, False),
+    ],
+)
+def test_name_rules(name: str, is_sidecar: bool, is_temp: bool) -> None:
+    assert sidecar.is_sidecar_name(name) is is_sidecar
+    assert sidecar.is_temp_name(name) is is_temp
+
+
+# --------------------------------------------------------------------------- safety
+
+
+class _Plant:
+    """Unpickling this calls open(marker, "w"): it would create the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_raw_pickle_is_corrupt_and_never_runs(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    marker = tmp_path / "PWNED"
+    path = Path(sidecar.sidecar_path(image))
+    path.write_bytes(pickle.dumps({"features": None, "x": _Plant(str(marker))}, protocol=2))
+    assert not marker.exists()
+    for full in (False, True):
+        got = sidecar.classify(path, full=full)
+        assert got.verdict is Verdict.CORRUPT
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing runs
+        sidecar.read(path)
+    assert not marker.exists()
+
+
+def test_hostile_torch_save_is_corrupt_and_never_runs(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    marker = tmp_path / "PWNED"
+    path = Path(sidecar.sidecar_path(image))
+    torch.save(
+        {
+            "features": tb.features(),
+            "format": "vggtctl.sidecar",
+            "version": 1,
+            "meta": {"evil": _Plant(str(marker))},
+        },
+        path,
+    )
+    assert not marker.exists()
+    got = sidecar.classify(path, tb.expectation())
+    assert got.verdict is Verdict.CORRUPT
+    assert sidecar.classify(path, full=True).verdict is Verdict.CORRUPT
+    assert not marker.exists()
+
+
+def test_truncated_and_empty_and_garbage_are_corrupt(tmp_path: Path) -> None:
+    for name, mangle in (
+        ("t.jpg", lambda p: tb.truncate(p, 0.7)),
+        ("e.jpg", lambda p: p.write_bytes(b"")),
+        ("g.jpg", lambda p: p.write_bytes(os.urandom(300))),
+    ):
+        path = tb.write_sidecar(tb.write_image(tmp_path / name))
+        mangle(path)
+        assert sidecar.classify(path).verdict is Verdict.CORRUPT, name
+
+
+def test_legacy_file_is_legacy_and_readable(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    path = tb.write_legacy(image)
+    got = sidecar.classify(path, tb.expectation())
+    assert got.verdict is Verdict.LEGACY
+    header = sidecar.read_header(path)
+    assert header.version == 0 and header.legacy_path == str(image)
+
+
+# One interpreter imports torch once, then forks writer children and SIGKILLs each mid-loop.
+_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys, time, torch
+    from vggtctl import sidecar
+    from vggtctl.keys import ContextSettings, ImageKey, ModelKey
+    folder, count = sys.argv[1], int(sys.argv[2])
+    delays = [float(d) for d in sys.argv[3].split(",")]
+    model = ModelKey("a" * 64, "m", -2, "full", "float32")
+    pre = {"fingerprint": "1" * 64, "preset": "p", "input_hw": [28, 28], "grid_hw": [64, 64]}
+    images = [f"{folder}/img{i}.jpg" for i in range(count)]
+    metas = [sidecar.build_meta(image_name=p.rsplit("/", 1)[1], image_key=ImageKey.of(p), model=model,
+             preprocess=pre, context=ContextSettings(), frames=[], signature=None) for p in images]
+    for delay in delays:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # writer: rewrite every sidecar forever (1 MiB each, slow enough to be hit)
+            os.close(read_end)
+            feats = torch.randn(64 * 64, 64)
+            n = 0
+            while True:
+                i = n % count
+                sidecar.write(sidecar.sidecar_path(images[i]), feats + n, metas[i])
+                n += 1
+                if n == count:
+                    os.write(write_end, b"r")
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"r"
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    print("done", flush=True)
+    """
+)
+
+
+def test_sigkilled_writers_never_leave_a_torn_sidecar(tmp_path: Path) -> None:
+    """Kill a writer mid-loop, several times: every final-named file still reads in full."""
+    for i in range(3):
+        tb.write_image(tmp_path / f"img{i}.jpg", i)
+    delays = "0.0,0.013,0.031,0.005,0.047,0.021,0.002,0.038"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLER, str(tmp_path), "3", delays],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    finals = 0
+    for entry in tmp_path.iterdir():
+        if sidecar.is_temp_name(entry.name):
+            assert sidecar.classify(entry).verdict is Verdict.TEMP
+        elif sidecar.is_sidecar_name(entry.name):
+            finals += 1
+            got = sidecar.classify(entry, full=True)
+            assert got.verdict is Verdict.VALID, (entry, got.reason)
+            assert sidecar.read(entry).features.shape == (64 * 64, 64)
+    assert finals == 3

@@ -1,0 +1,112 @@
+"""`vggtctl verify`: exact counts in --json, exit codes, plain output, the installed executable."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import treebuilder as tb
+
+from vggtctl import manifest
+from vggtctl.sidecar import Verdict
+
+
+def _counts(doc: dict) -> dict[str, int]:
+    return {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]}
+
+
+def _expected_counts(expected: dict[str, Verdict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for verdict in expected.values():
+        counts[verdict.value] = counts.get(verdict.value, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("check", ["key", "model", "none"])
+def test_json_counts_and_problems_exact(make_tree, cli_app, runner, checkpoint, check: str) -> None:
+    tree = make_tree(tb.EVERY_KIND)
+    args = ["verify", str(tree.root), "--json"]
+    if check == "key":
+        manifest.record_run(tree.root, {"rate": 2.0}, tb.FEATURE_KEY)
+    elif check == "model":
+        args += ["--vggt-model", str(checkpoint)]
+    result = runner.invoke(cli_app, args)
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    expected = tree.expected_for(check)
+    assert _counts(doc) == _expected_counts(expected)
+    problems = {p["path"]: p["verdict"] for p in doc["problems"]}
+    assert problems == {p: v.value for p, v in expected.items() if v is not Verdict.VALID}
+    assert all(p["reason"] for p in doc["problems"])
+    for verdict, data in doc["verdicts"].items():
+        paths = [p for p, v in expected.items() if v.value == verdict]
+        assert data["bytes"] == sum(os.path.getsize(p) for p in paths)
+        assert len(data["examples"]) == min(5, len(paths)) and set(data["examples"]) <= set(paths)
+    assert doc["ok"] is False and doc["exit_code"] == 1
+    assert doc["mode"] == "full"
+    assert ("no model check" in doc["expectation"]) == (check == "none")
+
+
+def test_all_valid_exits_zero(make_tree, cli_app, runner, checkpoint) -> None:
+    tree = make_tree({"a/x.jpg": "valid", "b/y.png": "valid", "b/z.jpg": "none"})
+    result = runner.invoke(cli_app, ["verify", str(tree.root), "--vggt-model", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "All 2 sidecars are valid" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["legacy", "temp", "orphan"])
+def test_legacy_temp_and_orphans_are_problems(make_tree, cli_app, runner, kind: str) -> None:
+    tree = make_tree({"a.jpg": "valid", "b.jpg": kind})
+    result = runner.invoke(cli_app, ["verify", str(tree.root), "--json"])
+    assert result.exit_code == 1
+    assert _counts(json.loads(result.stdout)) == {"valid": 1, kind: 1}
+
+
+def test_quick_skips_tensor_check(make_tree, cli_app, runner) -> None:
+    tree = make_tree({"a.jpg": "valid"})
+    feats = tb.features()
+    feats[0, 0] = float("nan")
+    tb.write_sidecar(tree.root / "a.jpg", feats=feats)
+    quick = runner.invoke(cli_app, ["verify", str(tree.root), "--quick", "--json"])
+    full = runner.invoke(cli_app, ["verify", str(tree.root), "--json"])
+    assert quick.exit_code == 0 and _counts(json.loads(quick.stdout)) == {"valid": 1}
+    assert full.exit_code == 1 and _counts(json.loads(full.stdout)) == {"corrupt": 1}
+    assert json.loads(quick.stdout)["mode"] == "header"
+
+
+def test_human_output_is_plain_with_examples(make_tree, cli_app, runner, monkeypatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    tree = make_tree(tb.EVERY_KIND)
+    result = runner.invoke(cli_app, ["verify", str(tree.root)])
+    assert result.exit_code == 1
+    assert "\x1b[" not in result.output
+    for verdict in ("valid", "stale", "orphan", "corrupt", "legacy", "temp", "context-mismatch"):
+        assert verdict in result.stdout
+    assert "ep1/step_3_STOP.jpg.vggt_cache.pt" in result.stdout  # the orphan, as an example
+    assert "no model check" in result.stdout
+
+
+def test_data_root_from_environment(make_tree, cli_app, runner, monkeypatch) -> None:
+    tree = make_tree({"a.jpg": "valid"})
+    monkeypatch.setenv("VGGTCTL_DATA_ROOT", str(tree.root))
+    result = runner.invoke(cli_app, ["verify", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["root"] == str(tree.root)
+
+
+def test_usage_errors_exit_2(tmp_path, cli_app, runner) -> None:
+    missing = runner.invoke(cli_app, ["verify", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a folder" in missing.stderr
+    bad_model = runner.invoke(cli_app, ["verify", str(tmp_path), "--vggt-model", str(tmp_path / "none.pt")])
+    assert bad_model.exit_code == 2 and "none.pt" in bad_model.stderr
+    recompute = runner.invoke(cli_app, ["verify", str(tmp_path), "--recompute", "3"])
+    assert recompute.exit_code == 2 and "--recompute" in recompute.stderr
+
+
+def test_installed_executable_json_and_plain(make_tree, vggtctl_exe) -> None:
+    tree = make_tree({"ep/a.jpg": "valid", "ep/b.jpg": "stale", "ep/c.jpg": "corrupt"})
+    done = vggtctl_exe("verify", str(tree.root), "--json")
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert _counts(doc) == {"valid": 1, "stale": 1, "corrupt": 1}
+    assert "\x1b[" not in done.stdout + done.stderr
