@@ -376,3 +376,19 @@ def test_item_and_problem_basics() -> None:
     )
     assert str(CatalogProblem("f.json", None, "bad")) == "f.json: bad"
     assert isinstance(Catalog([], "plain", "r", "none").summary(), str)
+
+
+def test_annotations_written_from_episodes_give_the_same_items(tmp_path: Path) -> None:
+    make_episode(tmp_path / "ep1", list(range(12)))
+    make_episode(tmp_path / "ep2", [0, 1, 2])
+    episodes = load_catalog(tmp_path, max_history=4)
+    ann = tmp_path / "from_episodes.jsonl"
+    ann.write_text(
+        "".join(
+            json.dumps({"images": [os.path.relpath(p, tmp_path) for p in i.frames]}) + "\n"
+            for i in episodes.items
+        )
+    )
+    again = load_catalog(None, annotations=[ann])
+    assert [i.frames for i in again.items] == [i.frames for i in episodes.items]
+    assert not again.problems and not again.missing_images

@@ -151,9 +151,11 @@ def _sample_id(sample: dict[str, Any], file: str, line: int) -> str:
 
 def iter_samples(files: list[str], data_path: str | None) -> Iterator[tuple[str, int, Item] | CatalogProblem]:
     """Every sample of every file as (file, line, Item), or the CatalogProblem that skipped it."""
+    canonical: dict[str, str] = {}  # one string object per distinct path, shared by all items
     for file in files:
         file = os.path.abspath(file)
         base = os.path.abspath(data_path) if data_path else os.path.dirname(file)
+        resolved: dict[str, str] = {}  # as written in this file -> canonical absolute path
         samples, problems = read_annotation_file(file)
         yield from problems
         for line, sample in samples:
@@ -162,8 +164,14 @@ def iter_samples(files: list[str], data_path: str | None) -> Iterator[tuple[str,
             except _SampleError as err:
                 yield CatalogProblem(file, line, str(err))
                 continue
-            paths = tuple(os.path.normpath(os.path.join(base, p)) for p in frames)
-            yield file, line, Item(paths, _sample_id(sample, file, line))
+            paths = []
+            for raw in frames:
+                path = resolved.get(raw)
+                if path is None:
+                    path = os.path.normpath(os.path.join(base, raw))
+                    path = resolved[raw] = canonical.setdefault(path, path)
+                paths.append(path)
+            yield file, line, Item(tuple(paths), _sample_id(sample, file, line))
 
 
 def existing_names(folders: set[str], workers: int | None = None) -> dict[str, frozenset[str]]:
@@ -196,15 +204,16 @@ def build_annotations(
             problems.append(entry)
         else:
             raw.append(entry)
-    folders = {os.path.dirname(p) for _, _, item in raw for p in item.frames}
-    present = existing_names(folders, workers)
+    split = {path: os.path.split(path) for _, _, item in raw for path in item.frames}
+    present = existing_names({folder for folder, _ in split.values()}, workers)
+    gone_paths = {path for path, (folder, name) in split.items() if name not in present[folder]}
     missing: set[str] = set()
     items: list[Item] = []
     seen: set[tuple[str, ...]] = set()
     first_for_image: dict[str, tuple[str, int, tuple[str, ...]]] = {}
     dropped = 0
     for file, line, item in raw:
-        gone = [p for p in item.frames if os.path.basename(p) not in present[os.path.dirname(p)]]
+        gone = [p for p in item.frames if p in gone_paths] if gone_paths else None
         if gone:
             missing.update(gone)
             dropped += 1

@@ -10,6 +10,7 @@ Only names are read: no image is stat'ed or opened.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter
@@ -31,13 +32,18 @@ def step_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def history_positions(j: int, max_history: int) -> list[int]:
-    """Positions (in step order) of the frames streamed for the sample at position j."""
+@functools.lru_cache(maxsize=65536)
+def history_positions(j: int, max_history: int) -> tuple[int, ...]:
+    """Positions (in step order) of the frames streamed for the sample at position j.
+
+    numpy itself computes the linspace case (float steps truncated), so the rounding is the
+    trainer's; memoized because every episode repeats the same j values.
+    """
     if max_history == 0:
-        return [j]
+        return (j,)
     if j <= max_history:
-        return [0] * (max_history - j) + list(range(j + 1))
-    return np.linspace(0, j, max_history + 1, dtype=int).tolist()
+        return (0,) * (max_history - j) + tuple(range(j + 1))
+    return tuple(np.linspace(0, j, max_history + 1, dtype=int).tolist())
 
 
 class EpisodeBuilder:
