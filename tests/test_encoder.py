@@ -87,8 +87,9 @@ def test_batched_sequences_match_single(loaded, inputs):
             assert_close(both[b : b + 1], enc.encode_sequences(pair[b : b + 1]))
 
 
-def test_output_is_compact(loaded, inputs):
-    out = encoder(loaded).encode_frames(inputs["single_b2"][:, 0])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_output_is_compact(loaded, inputs, batch):
+    out = encoder(loaded).encode_frames(inputs["single_b2"][:batch, 0])
     assert out.is_contiguous()
     assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
 

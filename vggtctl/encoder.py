@@ -89,8 +89,10 @@ class Encoder:
 
     def _finish(self, layer_out: Tensor) -> Tensor:
         """[B, S, P, 2C] -> the last frame's patch tokens [B, P', 2C] in the requested dtype."""
-        out = patch_tokens(layer_out[:, -1], self.model.patch_start_idx)
-        return out.to(self.dtype).contiguous()
+        out = patch_tokens(layer_out[:, -1], self.model.patch_start_idx).to(self.dtype)
+        if not out.is_contiguous() or out.untyped_storage().nbytes() != out.numel() * out.element_size():
+            out = out.clone(memory_format=torch.contiguous_format)  # never a view into the batch output
+        return out
 
     def encode_frames(self, batch: Tensor) -> Tensor:
         """Context-free items: [B, 3, H, W] in [0, 1] -> [B, P, 2C], each image alone."""
