@@ -126,6 +126,14 @@ class TrainPlan:
         return [self.command(rank, python) for rank in range(self.topology.nnodes)]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (what `nproc` prints in the emitted scripts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def count_cuda_devices() -> int:
     try:
         import torch
@@ -226,7 +234,7 @@ def build_plan(
 
     iface, why = netif.route_interface(topology.master_addr)
     config_env = _config_env(config)
-    omp = max(1, (os.cpu_count() or 1) // topology.nproc_per_node)
+    omp = max(1, usable_cpus() // topology.nproc_per_node)
     settings = (
         *topology.settings,
         profile_setting,
