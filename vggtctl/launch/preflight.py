@@ -113,16 +113,17 @@ def check_paths(plan: TrainPlan) -> list[Check]:
     checks: list[Check] = []
     root = plan.data_root
     if root is None:
-        needed = plan.cache
-        checks.append(
-            Check(
-                "data root",
-                FAIL if needed else SKIP,
-                "no data root: pass --data-root, set VGGTCTL_DATA_ROOT or data_root in vggtctl.toml"
-                if needed
-                else "no data root given (not needed without the cache)",
+        if not plan.cache:
+            checks.append(Check("data root", SKIP, "no data root given (not needed without the cache)"))
+        else:
+            checks.append(
+                Check(
+                    "data root",
+                    WARN if plan.probe else FAIL,
+                    "no data root: pass --data-root, set VGGTCTL_DATA_ROOT or data_root in vggtctl.toml"
+                    + ("; the probe checks connectivity only" if plan.probe else ""),
+                )
             )
-        )
     elif not root.is_dir():
         checks.append(Check("data root", FAIL, f"{root}: not a folder"))
     else:
@@ -156,8 +157,9 @@ def check_feature_key(plan: TrainPlan) -> Check:
         reason = next((str(s.value) for s in plan.settings if s.name == "feature_key"), "none")
         return Check(
             "feature key",
-            FAIL,
-            f"{reason}: run `vggtctl precompute` first, or pass --feature-key (JSON, a .json file or a sidecar)",
+            WARN if plan.probe else FAIL,
+            f"{reason}: run `vggtctl precompute` first, or pass --feature-key (JSON, a .json file or a sidecar)"
+            + ("; the probe checks connectivity only" if plan.probe else ""),
         )
     return Check("feature key", OK, describe_key(plan.feature_key))
 

@@ -64,8 +64,9 @@ def time_allreduce(device: torch.device, world: int, megabytes: float, iters: in
     nbytes = numel * 4
     algbw = nbytes / per_op
     # Ring all-reduce moves 2(n-1)/n of the buffer per rank: the nccl-tests "bus bandwidth".
-    busbw = algbw * (2 * (world - 1) / world) if world > 1 else algbw
-    return {"bytes": nbytes, "seconds": per_op, "algbw_GBps": algbw / 1e9, "busbw_GBps": busbw / 1e9}
+    # One rank moves nothing between processes: no bus bandwidth to report.
+    busbw = algbw * (2 * (world - 1) / world) / 1e9 if world > 1 else None
+    return {"bytes": nbytes, "seconds": per_op, "algbw_GBps": algbw / 1e9, "busbw_GBps": busbw}
 
 
 def read_shard(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
@@ -75,10 +76,10 @@ def read_shard(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any
     if os.environ.get("USE_VGGT_CACHE", "").lower() != "true":
         return {"cache": False}
     if args.data_root is None:
-        return {"cache": True, "error": "no --data-root: nothing to read"}
+        return {"cache": True, "skipped": "no data root: connectivity only"}
     key = FeatureKey.from_env()
     if key is None:
-        return {"cache": True, "error": "VGGTCTL_FEATURE_KEY is not set"}
+        return {"cache": True, "skipped": "no feature key: connectivity only"}
     from torch.utils.data.distributed import DistributedSampler
 
     from vggtctl.data import FeatureStore
@@ -132,7 +133,7 @@ def render(ranks: list[dict[str, Any]]) -> str:
                 r["host"],
                 r["device"],
                 "ok" if r["allreduce_ok"] else "WRONG SUM",
-                f"{r['bandwidth']['busbw_GBps']:.2f}",
+                "-" if r["bandwidth"]["busbw_GBps"] is None else f"{r['bandwidth']['busbw_GBps']:.2f}",
                 str(data.get("samples", "-")),
                 "-" if rate is None else f"{rate:.1%}",
                 "-" if sps is None else f"{sps:.1f}",
@@ -144,6 +145,8 @@ def render(ranks: list[dict[str, Any]]) -> str:
         data = r.get("data", {})
         if data.get("error"):
             lines.append(f"rank {r['rank']}: {data['error']}")
+        elif data.get("skipped") and r["rank"] == 0:
+            lines.append(f"cache not read: {data['skipped']}")
         if data.get("misses"):
             lines.append(
                 f"rank {r['rank']} misses: " + ", ".join(f"{n} {v}" for v, n in data["misses"].items())
