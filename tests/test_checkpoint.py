@@ -20,6 +20,7 @@ from vggtctl.model import (
     load_aggregator_state,
     load_model,
 )
+from vggtctl.model.checkpoint import random_fingerprint
 
 DATA = Path(__file__).parent / "data" / "golden_model"
 WEIGHTS = DATA / "tiny_weights.safetensors"
@@ -189,6 +190,26 @@ def test_tiny_random_is_deterministic_and_labelled():
     with torch.inference_mode():
         (out,) = first.model(torch.rand(1, 2, 3, 28, 42))
     assert out.shape == (1, 2, 5 + 6, 128) and torch.isfinite(out).all()
+
+
+def test_random_preset_spec_is_seeded_and_labelled():
+    tiny = load_model("tiny-random")
+    first, second = load_model("random:tiny"), load_model("random:tiny")
+    assert first.name == "random:tiny" and first.preset == "tiny" and first.weights_path is None
+    assert first.fingerprint == second.fingerprint
+    # Same seed, recipe and CPU generator as tiny-random: the same weights, but its own label.
+    for (name, a), b in zip(tiny.model.state_dict().items(), first.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert first.fingerprint != TINY_RANDOM_FINGERPRINT
+    fingerprints = {
+        random_fingerprint("tiny", "cpu"),
+        random_fingerprint("tiny", "cuda"),
+        random_fingerprint("vggt-1b", "cpu"),
+        random_fingerprint("vggt-1b", "cuda"),
+    }
+    assert first.fingerprint in fingerprints and len(fingerprints) == 4
+    with pytest.raises(CheckpointError, match="unknown model preset 'huge'"):
+        load_model("random:huge")
 
 
 @pytest.mark.parametrize(

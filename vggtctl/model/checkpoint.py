@@ -1,6 +1,8 @@
 """Find, read and strictly load VGGT aggregator weights.
 
-A spec is one of: `tiny-random` (seeded random tiny model, for tests and demos); a folder with
+A spec is one of: `tiny-random` (seeded random tiny model, for tests and demos);
+`random:<preset>` such as `random:vggt-1b` (seeded random weights of a named preset, drawn on the
+target device: a full-size benchmark model without a checkpoint); a folder with
 `model.safetensors` or `model.pt` (plus an optional `config.json`); a single `.safetensors` or
 `.pt`/`.pth` file; or a Hub model id such as `facebook/VGGT-1B`, resolved from the local Hugging
 Face cache only unless downloads are allowed. Only `aggregator.*` keys are used; head keys are
@@ -39,6 +41,7 @@ TINY_RANDOM_SEED = 1234
 TINY_RANDOM_FINGERPRINT = hashlib.sha256(
     b"vggtctl tiny-random: tiny preset, random-init recipe v1, seed 1234; features are meaningless"
 ).hexdigest()
+RANDOM_PREFIX = "random:"
 WEIGHT_FILES = ("model.safetensors", "model.pt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHOWN = 5
@@ -76,6 +79,9 @@ def load_model(
         model = _finish(model, device, dtype)
         return LoadedModel(model, TINY_RANDOM, TINY_RANDOM_FINGERPRINT, "tiny", config)
 
+    if spec.startswith(RANDOM_PREFIX):
+        return _random_model(spec, device, dtype)
+
     weights, config_json, name = resolve_weights(spec, allow_download=allow_download)
     state = read_state_dict(weights)
     preset, config = choose_config(state, config_json, source=weights)
@@ -84,6 +90,28 @@ def load_model(
     model = _finish(model, device, dtype)
     fingerprint = checkpoint_fingerprint(weights)
     return LoadedModel(model, name, fingerprint, preset, config, str(weights))
+
+
+def random_fingerprint(preset: str, generator_device: str) -> str:
+    """Fingerprint of `random:<preset>`: says random, and differs per preset and generator device
+    (a CUDA generator draws other weights than the CPU one for the same seed)."""
+    text = (
+        f"vggtctl random:{preset}: random-init recipe v1, seed {TINY_RANDOM_SEED}, "
+        f"{generator_device} generator; features are meaningless"
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _random_model(spec: str, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
+    """`random:<preset>`: seeded random weights drawn on `device` (seconds for 1B on a GPU)."""
+    preset = spec[len(RANDOM_PREFIX) :]
+    if preset not in PRESETS:
+        raise CheckpointError(f"{spec}: unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
+    config = get_config(preset)
+    target = torch.device(device)
+    model = init_random(build_model(config, target), TINY_RANDOM_SEED)
+    model = _finish(model, target, dtype)
+    return LoadedModel(model, spec, random_fingerprint(preset, target.type), preset, config)
 
 
 def _finish(model: Aggregator, device: str | torch.device, dtype: torch.dtype) -> Aggregator:
