@@ -1,12 +1,265 @@
-"""`vggtctl precompute` (placeholder until its issue lands)."""
+"""`vggtctl precompute ROOT --vggt-model M`: parse, call `vggtctl.precompute.run`, render."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from vggtctl.cli import render
+from vggtctl.distributed import RELAUNCHED_ENV, dist_info, relaunch
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, VggtctlError
+from vggtctl.failures import failures_path
+from vggtctl.precompute import Outcome, Plan, PrecomputeOptions, Reporter, run
+from vggtctl.settings import find_config, pick
+
+
+class RichReporter(Reporter):
+    """Progress bar on stderr: items/s, ETA, bytes written, failures."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, total: int, plan: Plan) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]encoding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[written]}"),
+            TextColumn("{task.fields[failed]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=render.err,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("encode", total=total, rate="", written="", failed="")
+
+    def set_total(self, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, total=total)
+
+    def update(self, encoded: int, failed: int, nbytes: int) -> None:
+        if self.progress is None:
+            return
+        task = self.progress.tasks[0]
+        speed = task.speed or 0.0
+        self.progress.update(
+            self.task,
+            completed=encoded + failed,
+            rate=f"{speed:.1f} items/s",
+            written=render.size(nbytes),
+            failed=f"[red]{failed} failed[/]" if failed else "",
+        )
+
+    def message(self, text: str) -> None:
+        render.err.print(text, markup=False, highlight=False)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _plan_table(plan: Plan) -> Table:
+    table = Table(title="precompute plan", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("layout", f"{plan.layout} ({plan.layout_reason})")
+    table.add_row("context", plan.context)
+    table.add_row("items", f"{plan.items:,}")
+    if plan.conflicts:
+        table.add_row("conflicting histories", f"{plan.conflicts:,} (one sidecar per image: first item kept)")
+    table.add_row("sidecars (this rank's shard)", f"{plan.shard_items:,}")
+    table.add_row("already valid", f"{plan.already_valid:,}")
+    table.add_row("to encode", f"{plan.to_encode:,}")
+    table.add_row("projected bytes", render.size(plan.projected_bytes))
+    eta = render.duration(plan.projected_seconds) if plan.projected_seconds else "no rate measured yet"
+    table.add_row("projected time", eta)
+    if plan.missing_images or plan.catalog_problems:
+        table.add_row(
+            "catalog problems", f"{plan.catalog_problems} lines, {plan.missing_images} missing images"
+        )
+    return table
+
+
+def _summary_table(outcome: Outcome, root: Path) -> Table:
+    table = Table(title="precompute summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("encoded", f"{outcome.encoded:,}")
+    table.add_row("already valid", f"{outcome.plan.already_valid:,}")
+    table.add_row("failed", f"{outcome.failed:,}")
+    if outcome.skipped_claimed:
+        table.add_row("claimed by another process", f"{outcome.skipped_claimed:,}")
+    table.add_row("written", render.size(outcome.bytes_written))
+    table.add_row("time", render.duration(outcome.seconds))
+    table.add_row("rate", f"{outcome.rate:.2f} items/s")
+    if outcome.ranks > 1:
+        table.add_row("ranks", str(outcome.ranks))
+    if outcome.failed:
+        table.add_row("failures listed in", str(failures_path(root)))
+    return table
+
+
+def _strip_gpus(argv: list[str]) -> list[str]:
+    """The command line without --gpus, for the relaunched workers."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        if arg.startswith("--gpus="):
+            continue
+        out.append(arg)
+    return out
 
 
 def register(app: typer.Typer) -> None:
     @app.command("precompute")
-    def command() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(2)
+    def precompute(
+        root: Path = typer.Argument(..., help="Data root holding the training images."),
+        vggt_model: str | None = typer.Option(
+            None, "--vggt-model", help="Checkpoint folder/file, Hub id from the local cache, or tiny-random."
+        ),
+        qwen_model: str | None = typer.Option(
+            None, "--qwen-model", help="Qwen model folder: patch/merge sizes from its preprocessor config."
+        ),
+        preset: str | None = typer.Option(None, "--preset", help="vggt-crop-518 | vggt-pad-518 | janusvln."),
+        layer: int | None = typer.Option(None, "--layer", help="Aggregator layer to cache (default -2)."),
+        attention: str | None = typer.Option(
+            None, "--attention", help="full | causal (default: causal with context, full without)."
+        ),
+        layout: str | None = typer.Option(None, "--layout", help="auto | episodes | annotations | plain."),
+        annotations: list[str] | None = typer.Option(
+            None, "--annotations", help="JSON/JSONL file (repeatable)."
+        ),
+        data_path: str | None = typer.Option(None, "--data-path", help="Base folder for annotation paths."),
+        max_history: int | None = typer.Option(None, "--max-history", help="History frames per item (8)."),
+        context: str | None = typer.Option(None, "--context", help="auto | none | sequence."),
+        evict_start: int | None = typer.Option(
+            None, "--evict-start", help="Streaming eviction: first frames kept."
+        ),
+        evict_recent: int | None = typer.Option(
+            None, "--evict-recent", help="Streaming eviction: last frames kept."
+        ),
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", help="Items per forward (32 GPU, 4 CPU)."
+        ),
+        workers: int | None = typer.Option(
+            None, "--workers", help="Decode workers per rank (from usable CPUs)."
+        ),
+        dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (GPU default) | float16 | float32."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: auto)."),
+        devices: str | None = typer.Option(
+            None, "--devices", help="Comma list mapping local ranks to devices."
+        ),
+        gpus: int | None = typer.Option(
+            None, "--gpus", help="Relaunch through torch's launcher with N workers."
+        ),
+        limit: int | None = typer.Option(None, "--limit", help="Encode at most N items."),
+        force: bool = typer.Option(False, "--force", help="Re-encode items whose sidecar is already valid."),
+        verify: bool = typer.Option(False, "--verify", help="Full-read every written sidecar afterwards."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
+        allow_download: bool = typer.Option(False, "--allow-download", help="Let a Hub id download weights."),
+        fsync: bool = typer.Option(False, "--fsync", help="fsync every sidecar before its rename."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the outcome."),
+    ) -> None:
+        """Compute VGGT features for every item under ROOT and write sidecars; resumable.
+
+        Examples:
+
+          vggtctl precompute /data/train --vggt-model facebook/VGGT-1B --gpus 8
+
+          vggtctl precompute /data/train --vggt-model /models/VGGT-1B --preset janusvln --dry-run
+
+          torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
+        """
+        config = find_config(root)
+        gpus_value = pick("gpus", gpus, config, "precompute")
+        if (
+            gpus_value
+            and int(gpus_value) > 1
+            and not os.environ.get(RELAUNCHED_ENV)
+            and "RANK" not in os.environ
+        ):
+            raise typer.Exit(relaunch(int(gpus_value), _strip_gpus(sys.argv[1:])))
+        model = pick("vggt_model", vggt_model, config, "precompute")
+        if not model:
+            render.fail("no model: pass --vggt-model (a checkpoint, a Hub id, or tiny-random)")
+        device_list = pick("devices", devices, config, "precompute")
+        opts = PrecomputeOptions(
+            root=root,
+            vggt_model=str(model),
+            qwen_model=pick("qwen_model", qwen_model, config, "precompute"),
+            preset=str(pick("preset", preset, config, "precompute", "janusvln")),
+            layer=int(pick("layer", layer, config, "precompute", -2)),
+            attention=pick("attention", attention, config, "precompute"),
+            layout=str(pick("layout", layout, config, "precompute", "auto")),
+            annotations=list(annotations or config.get("annotations", []) or []),
+            data_path=pick("data_path", data_path, config, "precompute"),
+            max_history=int(pick("max_history", max_history, config, "precompute", 8)),
+            context=str(pick("context", context, config, "precompute", "auto")),
+            evict_start=evict_start,
+            evict_recent=evict_recent,
+            batch_size=_int_or_none(pick("batch_size", batch_size, config, "precompute")),
+            workers=_int_or_none(pick("workers", workers, config, "precompute")),
+            dtype=pick("dtype", dtype, config, "precompute"),
+            device=pick("device", device, config, "precompute"),
+            devices=str(device_list).split(",") if device_list else None,
+            limit=limit,
+            force=force,
+            verify=verify,
+            dry_run=dry_run,
+            allow_download=allow_download,
+            fsync=fsync,
+        )
+        info = dist_info()
+        show = info.is_main and not as_json and sys.stderr.isatty()
+        try:
+            outcome = run(opts, RichReporter(enabled=show))
+        except VggtctlError as err:
+            render.fail(err)
+        except KeyboardInterrupt:
+            render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if not info.is_main:
+            raise typer.Exit(EXIT_PARTIAL if outcome.failed or outcome.disk_full else 0)
+        if as_json:
+            render.print_json(outcome.to_dict())
+        elif dry_run:
+            render.out.print(_plan_table(outcome.plan))
+        else:
+            render.out.print(_summary_table(outcome, root))
+        if outcome.disk_full:
+            render.err.print(f"stopped: disk full ({outcome.disk_full}); free space and rerun", markup=False)
+            raise typer.Exit(EXIT_PARTIAL)
+        if outcome.verify_problems:
+            render.err.print(f"{outcome.verify_problems} written sidecars failed the full read", markup=False)
+            raise typer.Exit(EXIT_PARTIAL)
+        if outcome.failed:
+            raise typer.Exit(EXIT_PARTIAL)
+
+
+def _int_or_none(value: object) -> int | None:
+    return None if value in (None, "") else int(value)  # type: ignore[arg-type]

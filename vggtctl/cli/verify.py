@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, ConfigError, VggtctlError
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, VggtctlError
 
 HELP = """Check every sidecar under ROOT: full read (tensor finite, shape matches its meta), image
 freshness, model/preprocess/context against the current feature key.
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             "--recompute",
             min=1,
             metavar="K",
-            help="Also recompute K sidecars and compare (arrives with precompute).",
+            help="Also re-encode K random items with the model and compare with the cache.",
         ),
         as_json: bool = typer.Option(
             False, "--json", help="One JSON document on stdout: counts, bytes, every problem."
@@ -73,10 +73,25 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(code)
 
 
-def recompute_check(report: object, root: str, k: int) -> None:
-    """Extension point for `--recompute K`: recompute K sidecars with the current model and move
-    mismatches to a problem verdict with `report.reclassify(...)`. Lands with precompute."""
-    raise ConfigError("--recompute arrives with precompute; it is not available in this version")
+def recompute_check(root: str, k: int, vggt_model: str | None):  # -> RecomputeReport
+    """`--recompute K`: re-encode K random cached items with the settings of the last precompute
+    run (from the manifest) and compare them element-wise with the stored features."""
+    from vggtctl.recompute import options_from_manifest, recompute
+
+    return recompute(options_from_manifest(Path(root), vggt_model, None), k)
+
+
+def recompute_table(report):  # -> rich.table.Table
+    from rich.table import Table
+
+    table = Table(title="recompute check")
+    for name in ("sidecar", "max abs diff", "cosine", "result"):
+        table.add_column(name, justify="left" if name == "sidecar" else "right")
+    for check in report.checks:
+        diff = "-" if check.max_abs_diff is None else f"{check.max_abs_diff:.3g}"
+        cosine = "-" if check.cosine is None else f"{check.cosine:.6f}"
+        table.add_row(check.path, diff, cosine, "ok" if check.ok else f"MISMATCH {check.reason}")
+    return table
 
 
 def run(
@@ -92,17 +107,18 @@ def run(
     from vggtctl.cli import audit_view, render
 
     root = str(settings.resolve_data_root(root_arg))
-    if recompute:
-        recompute_check(None, root, recompute)  # fails fast (exit 2) until precompute provides it
     expect = audit.expectation_from(root, vggt_model)
     if not audit.has_model_check(expect) and not as_json:
         render.err.print(f"note: {audit.describe(expect)}")
     report = audit_view.run_audit(root, expect, full=not quick, workers=workers, label="Verifying sidecars")
-    if recompute:
-        recompute_check(report, root, recompute)
-    code = EXIT_OK if report.ok else EXIT_PROBLEMS
+    rechecked = recompute_check(root, recompute, vggt_model) if recompute else None
+    ok = report.ok and not (rechecked and rechecked.problems)
+    code = EXIT_OK if ok else EXIT_PROBLEMS
     if as_json:
-        render.print_json({**report.to_json(), "ok": report.ok, "exit_code": code})
+        document = {**report.to_json(), "ok": ok, "exit_code": code}
+        if rechecked is not None:
+            document["recompute"] = rechecked.to_json()
+        render.print_json(document)
         return code
     mode = "header check" if quick else "full read"
     render.out.print(f"Verified {report.files:,} files under {root} ({mode}); images: {report.images:,}")
@@ -117,4 +133,10 @@ def run(
             + (f", {len(report.unreadable)} unreadable folder(s)" if report.unreadable else "")
             + "; `--json` lists every path with its reason, `vggtctl prune` removes them."
         )
+    if rechecked is not None:
+        render.out.print(recompute_table(rechecked))
+        if rechecked.problems:
+            render.out.print(
+                f"[red]{len(rechecked.problems)} of {len(rechecked.checks)} recomputed items differ[/]"
+            )
     return code

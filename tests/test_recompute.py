@@ -1,0 +1,62 @@
+"""`verify --recompute K`: passes on what precompute wrote, fails once a stored tensor is altered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vggtctl import sidecar
+from vggtctl.cli.app import app
+from vggtctl.demo import make_dataset
+from vggtctl.precompute import PrecomputeOptions, run
+from vggtctl.recompute import compare
+
+
+@pytest.fixture(scope="module")
+def cached_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recompute")
+    make_dataset(root, episodes=1, steps=3, size=(64, 48))
+    outcome = run(PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0))
+    assert outcome.encoded == 3
+    return root
+
+
+def _verify(root, k):
+    result = CliRunner().invoke(app, ["verify", str(root), "--recompute", str(k), "--json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_recompute_passes_on_fresh_cache(cached_tree):
+    code, doc = _verify(cached_tree, 3)
+    assert code == 0, doc
+    assert doc["recompute"]["checked"] == 3
+    assert all(check["ok"] and check["max_abs_diff"] == 0.0 for check in doc["recompute"]["checks"])
+
+
+def test_recompute_fails_after_tensor_altered(cached_tree):
+    victim = sorted(cached_tree.glob("episode_*/*.vggt_cache.pt"))[1]
+    stored = torch.load(victim, map_location="cpu", weights_only=True)
+    altered = stored["features"].clone()
+    altered[0] += 0.5  # one patch token moved: still finite, same shape, header still valid
+    sidecar.write(victim, altered, stored["meta"])
+    try:
+        code, doc = _verify(cached_tree, 3)
+        assert code == 1
+        bad = [c for c in doc["recompute"]["checks"] if not c["ok"]]
+        assert [c["path"] for c in bad] == [str(victim)]
+        assert bad[0]["max_abs_diff"] == pytest.approx(0.5, rel=1e-4)
+    finally:
+        sidecar.write(victim, stored["features"], stored["meta"])
+
+
+def test_compare_tolerances():
+    ref = torch.randn(16, 8)
+    assert compare(ref, ref.clone(), "float32")[0]
+    assert not compare(ref, ref + 0.01, "float32")[0]
+    assert not compare(ref, -ref, "bfloat16")[0]
+    noisy = ref.bfloat16().float()
+    assert compare(noisy, ref, "bfloat16")[0]
+    assert not compare(ref, ref[:8], "float32")[0]
