@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -191,3 +193,20 @@ def test_installed_executable(tree: Path, vggtctl_exe) -> None:
     first = table.stdout.splitlines()[1].split()
     assert first[:3] == ["ep1", "7", "4"]
     assert "Showing 1 of 4 rows" in table.stdout
+
+
+def test_plain_status_never_imports_torch(tree: Path) -> None:
+    """A listing of 10^7 files must not pay torch's import time: the status library, its CLI
+    module and everything a non-deep report touches stay torch-free."""
+    code = (
+        "import sys\n"
+        "from vggtctl.cli import render, status\n"
+        "from vggtctl.status import build_status\n"
+        f"report = build_status({str(tree)!r})\n"
+        "status.footer_lines(report)\n"
+        "assert report.total.images == 10\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
