@@ -232,3 +232,12 @@ def test_disk_check_reports_free_space(tmp_path: Path) -> None:
     checks = preflight.check_disk(plan)
     assert [c.name for c in checks] == ["disk logs", "disk outputs"]
     assert all("GiB free" in c.detail for c in checks)
+
+
+def test_master_host_name_resolving_to_loopback_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preflight.netif, "resolve_ipv4", lambda addr: "127.0.1.1")
+    row = preflight._master_address_row("gpu01", 2)
+    assert row.status == "warn" and "127.0.1.1" in row.detail and row.fix
+    assert preflight._master_address_row("gpu01", 1).status == "ok"  # one node: nothing to reach
+    monkeypatch.setattr(preflight.netif, "resolve_ipv4", lambda addr: addr)
+    assert preflight._master_address_row("127.0.0.1", 2).status == "ok"  # two nodes on one machine

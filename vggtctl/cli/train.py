@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -15,6 +16,9 @@ from rich.table import Table
 
 from vggtctl.cli import render
 from vggtctl.errors import EXIT_USAGE, VggtctlError
+
+if TYPE_CHECKING:
+    from vggtctl.launch.plan import TrainPlan
 
 HELP = """Launch training with the VGGT feature cache on 1 or 2 nodes through torchrun.
 
@@ -157,7 +161,7 @@ def register(app: typer.Typer) -> None:
         _launch(plan, dry_run=dry_run)
 
 
-def _print_settings(plan) -> None:  # type: ignore[no-untyped-def]
+def _print_settings(plan: TrainPlan) -> None:
     table = Table(title="effective settings", title_justify="left")
     table.add_column("setting")
     table.add_column("value", overflow="fold")
@@ -167,14 +171,14 @@ def _print_settings(plan) -> None:  # type: ignore[no-untyped-def]
     render.out.print(table)
 
 
-def _emit(plan, folder: Path) -> None:  # type: ignore[no-untyped-def]
+def _emit(plan: TrainPlan, folder: Path) -> None:
     from vggtctl.launch.scripts import emit_scripts
 
     for path in emit_scripts(plan, folder):
         render.out.print(f"wrote {escape(str(path))}")
 
 
-def _launch(plan, *, dry_run: bool) -> None:  # type: ignore[no-untyped-def]
+def _launch(plan: TrainPlan, *, dry_run: bool) -> None:
     from vggtctl.launch.preflight import run_preflight
 
     report = run_preflight(plan, dry_run=dry_run)
@@ -203,7 +207,7 @@ def _launch(plan, *, dry_run: bool) -> None:  # type: ignore[no-untyped-def]
     _run(plan)
 
 
-def _run(plan) -> None:  # type: ignore[no-untyped-def]
+def _run(plan: TrainPlan) -> None:
     from vggtctl import __version__
     from vggtctl.launch.runner import log_path_for, run_child
 

@@ -211,6 +211,19 @@ def probe_connect(addr: str, port: int, timeout: float) -> tuple[str, str]:
         return FAIL, f"{addr}:{port}: {reason}"
 
 
+def _master_address_row(addr: str, nnodes: int) -> Check:
+    ip = netif.resolve_ipv4(addr) or addr
+    if nnodes > 1 and ip.startswith("127.") and not addr.startswith("127."):
+        # Debian-style /etc/hosts maps the host name to 127.0.1.1: NCCL would bind to lo.
+        return Check(
+            "master address",
+            WARN,
+            f"{addr} resolves to {ip} here: other machines cannot reach node 0 through it",
+            "pass node 0's address on the cluster network as --master-addr",
+        )
+    return Check("master address", OK, f"{addr} is this machine (node 0)")
+
+
 def check_master(plan: TrainPlan, *, timeout: float) -> list[Check]:
     top = plan.topology
     if top.is_master:
@@ -225,7 +238,7 @@ def check_master(plan: TrainPlan, *, timeout: float) -> list[Check]:
                 )
             )
         else:
-            checks.append(Check("master address", OK, f"{top.master_addr} is this machine (node 0)"))
+            checks.append(_master_address_row(top.master_addr, top.nnodes))
         busy = port_free(top.master_port)
         checks.append(
             Check(
