@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,7 +108,9 @@ def run(
     config = settings.find_config(root)
     workers = _positive_int("workers", settings.pick("workers", workers, config, "status"))
     processes = _positive_int("processes", settings.pick("processes", processes, config, "status"))
-    build = dict(
+    build = functools.partial(
+        build_status,
+        root,
         depth=depth,
         sort=sort,
         top=top,
@@ -115,30 +120,23 @@ def run(
         vggt_model=vggt_model,
     )
     if not render.err.is_terminal:
-        return build_status(root, **build)  # type: ignore[arg-type]
+        return build()
     if deep:
         from vggtctl.cli.audit_view import progress_bar
 
         with progress_bar("Reading sidecar headers") as bar:
             task = bar.add_task("Reading sidecar headers", total=None)
-            return build_status(
-                root,
-                progress=lambda done, found: bar.update(task, completed=done, total=found),
-                **build,  # type: ignore[arg-type]
-            )
+            return build(progress=lambda done, found: bar.update(task, completed=done, total=found))
     return _with_scan_line(root, build)
 
 
-def _with_scan_line(root: Path, build: dict[str, object]) -> StatusReport:
+def _with_scan_line(root: Path, build: Callable[..., StatusReport]) -> StatusReport:
     """A transient "Scanning..." line on stderr, redrawn from this thread: a display thread
     would keep the scan from forking its worker processes."""
-    import time
-
     from rich.live import Live
     from rich.text import Text
 
     from vggtctl.cli import render
-    from vggtctl.status import build_status
 
     last = 0.0
     with Live(Text(f"Scanning {root} ..."), console=render.err, auto_refresh=False, transient=True) as live:
@@ -150,7 +148,7 @@ def _with_scan_line(root: Path, build: dict[str, object]) -> StatusReport:
                 last = now
                 live.update(Text(f"Scanning {root}: {folders:,} folders, {files:,} files"), refresh=True)
 
-        return build_status(root, scan_progress=tick, **build)  # type: ignore[arg-type]
+        return build(scan_progress=tick)
 
 
 def _positive_int(name: str, value: object) -> int | None:
@@ -295,11 +293,11 @@ def footer_lines(report: StatusReport) -> list[str]:
     if total.temps:
         lines.append(
             f"Temp debris: {total.temps:,} files, {render.size(total.temp_bytes)} "
-            "(left by interrupted writes; `vggtctl prune` removes them)."
+            "(left by interrupted writes; `vggtctl prune --temp` removes them)."
         )
     if total.orphans:
         lines.append(
-            f"Orphans: {total.orphans:,} sidecars whose image is gone (`vggtctl prune` removes them)."
+            f"Orphans: {total.orphans:,} sidecars whose image is gone (`vggtctl prune --orphans` removes them)."
         )
     if report.deep is not None:
         verdicts = report.deep.verdicts
