@@ -20,8 +20,8 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check vggtctl tests bench
+	$(BIN)/ruff format --check vggtctl tests bench
 
 demo: install
 	$(BIN)/vggtctl demo demo-data

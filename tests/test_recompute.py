@@ -19,7 +19,9 @@ from vggtctl.recompute import compare
 def cached_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("recompute")
     make_dataset(root, episodes=1, steps=3, size=(64, 48))
-    outcome = run(PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0))
+    outcome = run(
+        PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0)
+    )
     assert outcome.encoded == 3
     return root
 
