@@ -3,9 +3,13 @@ an item twice.
 
 Items are cut into fixed chunks of the full catalog order, so every process sees the same
 chunks. A process claims a chunk by creating `<root>/.vggtctl/claims/<chunk>.claim` with
-O_CREAT|O_EXCL (atomic on local disks and NFSv3+), encodes it, and removes the claim. A claim
-whose owner died (same host, pid gone) or whose heartbeat is older than the TTL is taken over,
-so a killed run never blocks a rerun.
+O_CREAT|O_EXCL (atomic on local disks and NFSv3+), encodes it, and removes the claim.
+
+A claim records who holds it: host name, pid namespace, pid and the pid's start time. A claim
+is taken over when its owner is provably dead (same host and pid namespace, and the pid is gone
+or now belongs to a process that started later: pids repeat, in containers especially), or when
+its mtime is older than the TTL (owners on other hosts cannot be asked; a live owner refreshes
+the mtime of its claims with `heartbeat`). So a killed run never blocks a rerun for long.
 """
 
 from __future__ import annotations
@@ -14,82 +18,51 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from vggtctl.scan import PRIVATE_DIR
 
 DEFAULT_TTL_S = 15 * 60
+HEARTBEAT_S = 30.0
+_OPEN_BOOKS: set[str] = set()  # books of this process that may still hold claims
 
 
 def claims_dir(root: str | os.PathLike[str]) -> Path:
     return Path(root) / PRIVATE_DIR / "claims"
 
 
-def chunk_id(key_fingerprint: str, first_item: str, index: int) -> str:
-    return hashlib.sha1(f"{key_fingerprint}|{index}|{first_item}".encode()).hexdigest()[:20]
+def chunk_id(key_fingerprint: str, first_item: str, index: int, size: int = 64) -> str:
+    """Names a chunk by the feature key, its position, its size and its first item, so processes
+    with different catalogs or chunk sizes never mistake each other's chunks for their own."""
+    text = f"{key_fingerprint}|{index}|{size}|{first_item}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-class ClaimBook:
-    """Claims held by this process; `release_all` on every exit path."""
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
-    def __init__(self, root: str | os.PathLike[str], ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.dir = claims_dir(root)
-        self.ttl_s = ttl_s
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.held: set[str] = set()
-        self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, chunk: str) -> Path:
-        return self.dir / f"{chunk}.claim"
-
-    def try_claim(self, chunk: str) -> bool:
-        path = self._path(chunk)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._take_over_if_dead(path):
-                    return False
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"host": self.host, "pid": self.pid, "time": time.time()}, fh)
-            self.held.add(chunk)
-            return True
-        return False
-
-    def _take_over_if_dead(self, path: Path) -> bool:
-        try:
-            owner = json.loads(path.read_text() or "{}")
-            age = time.time() - path.stat().st_mtime
-        except (OSError, ValueError):
-            return False
-        dead = False
-        if owner.get("host") == self.host and isinstance(owner.get("pid"), int):
-            dead = owner["pid"] != self.pid and not _pid_alive(owner["pid"])
-        if dead or age > self.ttl_s:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return True
-        return False
-
-    def heartbeat(self) -> None:
-        """Refresh the mtime of held claims so other hosts see them as alive."""
-        for chunk in list(self.held):
-            with contextlib.suppress(OSError):
-                os.utime(self._path(chunk))
-
-    def release(self, chunk: str) -> None:
-        if chunk in self.held:
-            self.held.discard(chunk)
-            with contextlib.suppress(FileNotFoundError):
-                self._path(chunk).unlink()
-
-    def release_all(self) -> None:
-        for chunk in list(self.held):
-            self.release(chunk)
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of the full line
+    except (IndexError, ValueError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,3 +73,125 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class ClaimBook:
+    """Claims held by this process; `release_all` on every exit path. Thread-safe: writer
+    threads release chunks as their last item lands."""
+
+    def __init__(self, root: str | os.PathLike[str], ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.dir = claims_dir(root)
+        self.ttl_s = ttl_s
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.owner = {
+            "host": self.host,
+            "pidns": _pid_namespace(),
+            "pid": self.pid,
+            "start": process_start(self.pid),
+            "book": secrets.token_hex(6),
+        }
+        self.held: set[str] = set()
+        self.taken_over = 0
+        self._lock = threading.Lock()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _OPEN_BOOKS.add(self.owner["book"])
+
+    def _path(self, chunk: str) -> Path:
+        return self.dir / f"{chunk}.claim"
+
+    def try_claim(self, chunk: str) -> bool:
+        """Claim `chunk` unless a live owner holds it."""
+        path = self._path(chunk)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._take_over_if_dead(path):
+                    return False
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({**self.owner, "time": time.time()}, fh)
+            with self._lock:
+                self.held.add(chunk)
+            return True
+        return False
+
+    def is_dead(self, owner: dict[str, Any], age_s: float) -> bool:
+        """Whether a claim with this content and age may be taken over."""
+        if age_s > self.ttl_s:
+            return True
+        same_process_space = owner.get("host") == self.host and owner.get("pidns") == self.owner["pidns"]
+        pid = owner.get("pid")
+        if not same_process_space or not isinstance(pid, int):
+            return False  # another host (or an unreadable claim being written): only the TTL decides
+        if pid == self.pid and owner.get("start") == self.owner["start"]:
+            # this very process: alive only while the book that wrote it is open
+            return owner.get("book") not in _OPEN_BOOKS
+        if not _pid_alive(pid):
+            return True
+        start = owner.get("start")
+        return start is not None and process_start(pid) not in (None, start)
+
+    def _take_over_if_dead(self, path: Path) -> bool:
+        try:
+            text = path.read_text()
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile: try the exclusive create again
+        except OSError:
+            return False
+        try:
+            owner = json.loads(text) if text else {}
+        except ValueError:
+            owner = {}
+        if not isinstance(owner, dict) or not self.is_dead(owner, age):
+            return False
+        # Move the dead claim aside atomically, then make sure what we moved is the claim we
+        # judged: a racing process may have taken it over and written its own in between.
+        aside = path.with_name(f"{path.name}.stale-{self.pid}-{secrets.token_hex(4)}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            moved = aside.read_text()
+        except OSError:
+            moved = None
+        if moved != text:
+            # a live claim: put it back (link fails if someone claimed the chunk meanwhile)
+            with contextlib.suppress(OSError):
+                os.link(aside, path)
+            with contextlib.suppress(OSError):
+                aside.unlink()
+            return False
+        with contextlib.suppress(OSError):
+            aside.unlink()
+        self.taken_over += 1
+        return True
+
+    def heartbeat(self) -> None:
+        """Refresh the mtime of held claims so other hosts see them as alive."""
+        with self._lock:
+            held = list(self.held)
+        for chunk in held:
+            with contextlib.suppress(OSError):
+                os.utime(self._path(chunk))
+
+    def release(self, chunk: str) -> None:
+        with self._lock:
+            if chunk not in self.held:
+                return
+            self.held.discard(chunk)
+        with contextlib.suppress(FileNotFoundError):
+            self._path(chunk).unlink()
+
+    def release_all(self) -> None:
+        """Release every held claim; the book is closed afterwards (its leftovers are dead)."""
+        with self._lock:
+            held = list(self.held)
+        for chunk in held:
+            self.release(chunk)
+        _OPEN_BOOKS.discard(self.owner["book"])

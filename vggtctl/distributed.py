@@ -7,9 +7,14 @@ home-made process pools across machines (DESIGN §8).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,6 +22,8 @@ from typing import Any
 import torch
 
 RELAUNCHED_ENV = "VGGTCTL_RELAUNCHED"
+RESULT_DIR_ENV = "VGGTCTL_RESULT_DIR"  # where relaunched ranks leave their exit codes
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,31 @@ def dist_info(environ: dict[str, str] | None = None) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world)
 
 
+def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
+    """CPUs a cgroup v2 quota allows (`docker --cpus`, Kubernetes limits), None when unlimited."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            quota, _, period = fh.read().strip().partition(" ")
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period or "100000")))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def usable_cpus() -> int:
-    """CPUs this process may use: affinity and Slurm's allocation, not os.cpu_count()."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slurm = os.environ.get("SLURM_CPUS_ON_NODE")
-    if slurm and slurm.isdigit():
+    """CPUs this process may use: its affinity mask, Slurm's allocation and a cgroup quota,
+    not os.cpu_count() (the machine's CPUs, which a job rarely owns)."""
+    if hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - macOS, Windows
+        count = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_ON_NODE", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
         count = min(count, int(slurm))
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        count = min(count, quota)
     return max(1, count)
 
 
@@ -122,13 +148,42 @@ def relaunch_argv(nproc: int, cli_args: list[str]) -> list[str]:
     ]
 
 
-def relaunch(nproc: int, cli_args: list[str]) -> int:
-    """Run the command again under torch's elastic launcher and return its exit code."""
-    env = dict(os.environ, **{RELAUNCHED_ENV: "1"})
-    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
-    proc = subprocess.Popen(relaunch_argv(nproc, cli_args), env=env)
+def report_exit_code(code: int, info: DistInfo) -> bool:
+    """Under `relaunch`, leave this rank's exit code for the parent and return True: the rank
+    then exits 0, so torchrun does not print a failure report for an ordinary exit 3 or 130."""
+    folder = os.environ.get(RESULT_DIR_ENV)
+    if not folder or not os.environ.get(RELAUNCHED_ENV):
+        return False
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(2)
-        return proc.wait()
+        with open(os.path.join(folder, f"rank{info.rank}.code"), "w", encoding="ascii") as fh:
+            fh.write(str(code))
+    except OSError:
+        return False
+    return True
+
+
+def relaunch(nproc: int, cli_args: list[str]) -> int:
+    """Run the command again under torch's elastic launcher; the exit code is the worst a rank
+    reported (130 > 3 > 2 > 0), or the launcher's own (1) when a rank crashed."""
+    folder = tempfile.mkdtemp(prefix="vggtctl-ranks-")
+    env = dict(os.environ, **{RELAUNCHED_ENV: "1", RESULT_DIR_ENV: folder})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
+    try:
+        proc = subprocess.Popen(relaunch_argv(nproc, cli_args), env=env)
+        try:
+            launcher = proc.wait()
+            interrupted = False
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            launcher = proc.wait()
+            interrupted = True
+        codes = []
+        for name in os.listdir(folder):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as fh:
+                codes.append(int(fh.read().strip()))
+        if interrupted or 130 in codes:
+            return 130
+        return max([launcher, *codes])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vggtctl import sidecar
 from vggtctl.catalog import Catalog, Item, item_frames_for_key, load_catalog
-from vggtctl.claims import ClaimBook, chunk_id
+from vggtctl.claims import HEARTBEAT_S, ClaimBook, chunk_id, claims_dir
 from vggtctl.data import FeatureStore
 from vggtctl.distributed import (
     DistInfo,
@@ -43,9 +43,9 @@ from vggtctl.distributed import (
 from vggtctl.errors import ConfigError, ImageError
 from vggtctl.failures import Failure, FailureLog
 from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
-from vggtctl.rankprogress import RankAggregator, run_dir
+from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
 from vggtctl.sidecar import Verdict
-from vggtctl.writer import SidecarWriter
+from vggtctl.writer import DiskFullSkipped, SidecarWriter
 
 CHUNK_ITEMS = 64
 
@@ -78,6 +78,7 @@ class PrecomputeOptions:
     fsync: bool = False
     writer_threads: int = 8
     check_workers: int = 16
+    chunk_items: int = CHUNK_ITEMS  # items per claim; every process on one root must agree
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Outcome:
     plan: Plan
     encoded: int = 0
     failed: int = 0
+    not_written: int = 0  # decoded and encoded, but the disk was full
     skipped_claimed: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -111,6 +113,7 @@ class Outcome:
     verify_problems: int = 0
     run_id: str = ""
     ranks: int = 1
+    per_rank: list[int] = field(default_factory=list)  # encoded per rank (rank order)
     feature_key: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +124,14 @@ class Outcome:
         data = asdict(self)
         data["rate"] = self.rate
         return data
+
+
+class PrecomputeInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the run after its in-flight writes; `outcome` says how far it got."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
 
 
 class Reporter:
@@ -198,12 +209,12 @@ def unique_by_sidecar(items: Sequence[Item]) -> tuple[list[Item], int]:
     return list(seen.values()), conflicts
 
 
-def chunked(items: Sequence[Item], key_id: str) -> list[tuple[str, list[int]]]:
+def chunked(items: Sequence[Item], key_id: str, size: int = CHUNK_ITEMS) -> list[tuple[str, list[int]]]:
     """Fixed chunks of the full (deduplicated) item order: the same on every rank and host."""
     chunks = []
-    for start in range(0, len(items), CHUNK_ITEMS):
-        indices = list(range(start, min(start + CHUNK_ITEMS, len(items))))
-        chunks.append((chunk_id(key_id, items[start].image, start), indices))
+    for start in range(0, len(items), size):
+        indices = list(range(start, min(start + size, len(items))))
+        chunks.append((chunk_id(key_id, items[start].image, start, size), indices))
     return chunks
 
 
@@ -273,12 +284,13 @@ class ItemDataset(Dataset):
         try:
             frames = item_frames_for_key(item)
         except OSError as err:
-            path = getattr(err, "filename", None) or item.image
-            return Failed(index, Failure(str(path), "decode", f"cannot stat: {err.strerror or err}"))
+            path = str(getattr(err, "filename", None) or item.image)
+            reason = f"cannot stat: {err.strerror or err}"
+            return Failed(index, Failure(item.image, "decode", _naming_frame(item, path, reason)))
         try:
             loaded = [self._load(p) for p in item.frames] if sequence else [self._load(item.image)]
         except ImageError as err:
-            return Failed(index, Failure(err.path, "decode", err.reason))
+            return Failed(index, Failure(item.image, "decode", _naming_frame(item, err.path, err.reason)))
         except Exception as err:
             return Failed(index, Failure(item.image, "decode", f"{type(err).__name__}: {err}"))
         current = loaded[-1]
@@ -302,6 +314,13 @@ class ItemDataset(Dataset):
             signature=self.key.signature_for(frames) if sequence else None,
         )
         return Prepared(index, pixels, meta)
+
+
+def _naming_frame(item: Item, path: str, reason: str) -> str:
+    """The failure is the item's; when a history frame caused it, the reason names that frame."""
+    if os.path.normpath(path) == item.image:
+        return reason
+    return f"context frame {os.path.relpath(path, os.path.dirname(item.image))}: {reason}"
 
 
 def _identity(batch: list[Any]) -> list[Any]:
@@ -355,9 +374,8 @@ class _Progress:
         self.lock = threading.Lock()
         self.encoded = 0
         self.bytes = 0
+        self.not_written = 0
         self.written_paths: list[str] = []
-        self.chunk_left: dict[str, int] = {}
-        self.index_chunk: dict[int, str] = {}
 
     def fail(self, failure: Failure) -> None:
         self.failures.add(failure)
@@ -370,9 +388,41 @@ class _Progress:
             self.written_paths.append(path)
         self._report()
 
+    def skipped(self) -> None:
+        with self.lock:
+            self.not_written += 1
+
     def _report(self) -> None:
         with self.lock:
             self.reporter.update(self.encoded, self.failures.count, self.bytes)
+
+
+class _ChunkTracker:
+    """Releases a chunk's claim when its last item is written or has failed."""
+
+    def __init__(self, claims: ClaimBook) -> None:
+        self.claims = claims
+        self.lock = threading.Lock()
+        self.left: dict[str, int] = {}
+        self.chunk_of: dict[int, str] = {}
+
+    def started(self, chunk: str, indices: list[int]) -> None:
+        with self.lock:
+            self.left[chunk] = len(indices)
+            for i in indices:
+                self.chunk_of[i] = chunk
+        if not indices:
+            self.claims.release(chunk)
+
+    def done(self, index: int) -> None:
+        with self.lock:
+            chunk = self.chunk_of.pop(index, None)
+            if chunk is None:
+                return
+            self.left[chunk] -= 1
+            finished = self.left[chunk] == 0
+        if finished:
+            self.claims.release(chunk)
 
 
 def plan_run(
@@ -381,7 +431,7 @@ def plan_run(
     items, conflicts = unique_by_sidecar(catalog.items)
     store = FeatureStore(key)
     key_id = fingerprint_json(key.to_meta())
-    chunks = chunked(items, key_id)
+    chunks = chunked(items, key_id, opts.chunk_items)
     mine = [c for n, c in enumerate(chunks) if n % info.world_size == info.rank]
     shard = [i for _, idx in mine for i in idx]
     if opts.force:
@@ -428,12 +478,18 @@ def estimate_sidecar_bytes(encoder: Any, preset: Any, sample_image: str | None) 
 
 
 def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
-    """Run (or plan, with dry_run) a precompute over `opts.root` on this rank."""
+    """Run (or plan, with dry_run) a precompute over `opts.root` on this rank.
+
+    Returns the outcome (on rank 0 summed over ranks). Ctrl-C raises `PrecomputeInterrupted`
+    (a KeyboardInterrupt) once the in-flight writes are done; it carries the outcome so far.
+    """
     reporter = reporter or Reporter()
     info = dist_info()
     root = Path(opts.root)
     if not root.is_dir():
         raise ConfigError(f"{root}: data root is not a folder")
+    if opts.chunk_items < 1:
+        raise ConfigError(f"chunk size must be at least 1 item, not {opts.chunk_items}")
     catalog = load_catalog(
         root,
         opts.layout,
@@ -452,46 +508,110 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, sample)
     )
     outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
-    if opts.dry_run:
-        return outcome
-
     grouped = init_group(info)
+    try:
+        if opts.dry_run:
+            if grouped:
+                _merge_plans(outcome, info)
+            return outcome
+        _execute(
+            opts, catalog, items, mine, todo, store, encoder, preset, key, device, info, outcome, reporter
+        )
+        return outcome
+    finally:
+        if grouped:
+            close_group()
+
+
+def _execute(
+    opts: PrecomputeOptions,
+    catalog: Catalog,
+    items: list[Item],
+    mine: list[tuple[str, list[int]]],
+    todo: list[int],
+    store: FeatureStore,
+    encoder: Any,
+    preset: Any,
+    key: FeatureKey,
+    device: torch.device,
+    info: DistInfo,
+    outcome: Outcome,
+    reporter: Reporter,
+) -> None:
+    root = Path(opts.root)
     run_id = broadcast_object(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], info)
     outcome.run_id = run_id
+    try:
+        claims = ClaimBook(root)
+    except OSError as err:
+        raise ConfigError(
+            f"{claims_dir(root)}: cannot create it ({err.strerror or err}); precompute keeps its "
+            "claims and failure log under the data root, which must be writable"
+        ) from err
     failures = FailureLog(root, run_id, info.rank)
+    rank_reporter: Any = reporter
     if info.is_distributed:
-        reporter = RankAggregator(reporter, run_dir(root, run_id), info.rank, info.world_size)
-    progress = _Progress(reporter, failures)
-    for problem in catalog.problems:
-        reporter.message(f"{problem.file}:{problem.line}: {problem.reason}")
+        rank_reporter = RankAggregator(reporter, run_dir(root, run_id), info.rank, info.world_size)
+    progress = _Progress(rank_reporter, failures)
     todo_set = set(todo)
     my_chunks = [(cid, [i for i in idx if i in todo_set]) for cid, idx in mine]
     my_chunks = [(cid, idx) for cid, idx in my_chunks if idx]
 
     start = time.perf_counter()
-    reporter.start(len(todo), plan)
     try:
-        _encode_all(opts, items, my_chunks, store, encoder, preset, key, device, progress, outcome, reporter)
+        rank_reporter.start(len(todo), outcome.plan)
+        for problem in catalog.problems:
+            rank_reporter.message(f"{problem}")
+        _encode_all(opts, items, my_chunks, store, encoder, key, preset, device, claims, progress, outcome)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
     finally:
+        claims.release_all()
         outcome.seconds = time.perf_counter() - start
         outcome.encoded = progress.encoded
         outcome.bytes_written = progress.bytes
+        outcome.not_written = progress.not_written
         outcome.failed = failures.count
-        reporter.finish()
+        outcome.per_rank = [progress.encoded]
+        rank_reporter.finish()  # with several ranks: publishes this rank's final counts
 
+    if outcome.interrupted:
+        if info.is_main:
+            if info.is_distributed:
+                reporter.finish()
+            _record_manifest(opts, outcome, key)
+        raise PrecomputeInterrupted(outcome)
     if opts.verify and progress.written_paths:
         outcome.verify_problems = sum(
             sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
         )
-    if grouped:
+    if info.is_distributed:
         _merge_ranks(outcome, info)
-        close_group()
     if info.is_main:
+        if info.is_distributed:
+            reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
+            reporter.finish()
+            remove_run_dir(root, run_id)  # every rank has published its last counts
         _record_manifest(opts, outcome, key)
-    return outcome
+
+
+def _plan_counts(plan: Plan) -> tuple[int, int, int, int]:
+    return plan.already_valid, plan.to_encode, plan.shard_items, plan.projected_bytes
+
+
+def _merge_plans(outcome: Outcome, info: DistInfo) -> None:
+    """Rank 0's plan becomes the whole run's: shard counts summed over ranks."""
+    parts = gather_objects(_plan_counts(outcome.plan), info)
+    plan = outcome.plan
+    rate = plan.to_encode / plan.projected_seconds if plan.projected_seconds else None
+    plan.already_valid, plan.to_encode, plan.shard_items, plan.projected_bytes = (
+        sum(p[n] for p in parts) for n in range(4)
+    )
+    plan.projected_seconds = plan.to_encode / rate if rate else None
 
 
 def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
+    _merge_plans(outcome, info)
     parts = gather_objects(
         (
             outcome.encoded,
@@ -499,6 +619,8 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
             outcome.bytes_written,
             outcome.skipped_claimed,
             outcome.verify_problems,
+            outcome.not_written,
+            outcome.disk_full,
         ),
         info,
     )
@@ -507,6 +629,9 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
     outcome.bytes_written = sum(p[2] for p in parts)
     outcome.skipped_claimed = sum(p[3] for p in parts)
     outcome.verify_problems = sum(p[4] for p in parts)
+    outcome.not_written = sum(p[5] for p in parts)
+    outcome.disk_full = next((p[6] for p in parts if p[6]), "")
+    outcome.per_rank = [p[0] for p in parts]
 
 
 def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey) -> None:
@@ -538,7 +663,9 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
         "seconds": round(outcome.seconds, 3),
         "rate": outcome.rate if outcome.encoded else None,
         "ranks": outcome.ranks,
+        "per_rank": list(outcome.per_rank),
         "interrupted": outcome.interrupted,
+        "disk_full": outcome.disk_full or None,
     }
     with contextlib.suppress(OSError):
         manifest.record_run(opts.root, entry, key)
@@ -550,13 +677,15 @@ def _encode_all(
     chunks: list[tuple[str, list[int]]],
     store: FeatureStore,
     encoder: Any,
-    preset: Any,
     key: FeatureKey,
+    preset: Any,
     device: torch.device,
+    claims: ClaimBook,
     progress: _Progress,
     outcome: Outcome,
-    reporter: Reporter,
 ) -> None:
+    """Claim, decode, encode and write this rank's chunks. KeyboardInterrupt propagates after
+    the in-flight writes have finished (the claims are released by the caller)."""
     if not chunks:
         return
     cuda = device.type == "cuda"
@@ -565,26 +694,7 @@ def _encode_all(
         batch_size = max(1, batch_size // 2)
     workers = opts.workers if opts.workers is not None else default_loader_workers(dist_info())
     stop = threading.Event()
-    claims = ClaimBook(opts.root)
-    lock = threading.Lock()
-
-    def chunk_started(chunk: str, indices: list[int]) -> None:
-        with lock:
-            progress.chunk_left[chunk] = len(indices)
-            for i in indices:
-                progress.index_chunk[i] = chunk
-        if not indices:
-            claims.release(chunk)
-
-    def item_done(index: int) -> None:
-        with lock:
-            chunk = progress.index_chunk.pop(index, None)
-            if chunk is None:
-                return
-            progress.chunk_left[chunk] -= 1
-            finished = progress.chunk_left[chunk] == 0
-        if finished:
-            claims.release(chunk)
+    tracker = _ChunkTracker(claims)
 
     def recheck(indices: list[int]) -> list[int]:
         if opts.force:
@@ -595,14 +705,16 @@ def _encode_all(
         index, path = token
         if error is None and nbytes is not None:
             progress.wrote(path, nbytes)
+        elif isinstance(error, DiskFullSkipped):
+            progress.skipped()  # not this item's fault: the run stops and says why
         else:
             reason = getattr(error, "strerror", None) or str(error)
             progress.fail(
                 Failure(items[index].image, "write", f"cannot write {os.path.basename(path)}: {reason}")
             )
-        item_done(index)
+        tracker.done(index)
 
-    sampler = ClaimingSampler(chunks, claims, max(1, min(8, batch_size)), recheck, chunk_started, stop)
+    sampler = ClaimingSampler(chunks, claims, max(1, min(8, batch_size)), recheck, tracker.started, stop)
     loader = DataLoader(
         ItemDataset(items, preset, key),
         batch_sampler=sampler,
@@ -614,16 +726,17 @@ def _encode_all(
     )
     writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)
     pipeline = _GpuPipeline(
-        encoder, key.context.kind == "sequence", device, writer, items, progress, item_done
+        encoder, key.context.kind == "sequence", device, writer, items, progress, tracker.done
     )
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()
+    batches = iter(loader)
     try:
-        for loaded in loader:
+        for loaded in batches:
             for sample in loaded:
                 if isinstance(sample, Failed):
                     progress.fail(sample.failure)
-                    item_done(sample.index)
+                    tracker.done(sample.index)
                     continue
                 bucket = buckets[tuple(sample.pixels.shape)]
                 bucket.append(sample)
@@ -631,31 +744,26 @@ def _encode_all(
                     pipeline.submit(bucket[:batch_size])
                     del bucket[:batch_size]
             if writer.disk_full.is_set():
-                outcome.disk_full = writer.disk_full_message
                 stop.set()
                 break
-            if time.monotonic() - heartbeat > 30:
+            if time.monotonic() - heartbeat > HEARTBEAT_S:
                 claims.heartbeat()
                 heartbeat = time.monotonic()
         if not stop.is_set():
             for bucket in buckets.values():
                 for start in range(0, len(bucket), batch_size):
                     pipeline.submit(bucket[start : start + batch_size])
-        pipeline.flush()
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-        stop.set()
-        reporter.message("interrupted: finishing in-flight writes, a rerun resumes")
-        with contextlib.suppress(Exception):
             pipeline.flush()
+    except KeyboardInterrupt:
+        stop.set()
+        pipeline.flush()  # the batch already computed is written; a second Ctrl-C skips it
+        raise
     finally:
+        del batches  # stops the decode workers now, not when a traceback lets go of this frame
         writer.close()
-        claims.release_all()
         outcome.skipped_claimed = sampler.skipped_claimed
         if writer.disk_full.is_set():
             outcome.disk_full = writer.disk_full_message
-    if outcome.interrupted:
-        raise KeyboardInterrupt
 
 
 class _GpuPipeline:

@@ -48,11 +48,12 @@ class RankAggregator:
         self.inner.message(f"[rank {self.rank}] {text}" if self.world_size > 1 else text)
 
     def finish(self) -> None:
+        """Publish the final counts. The inner reporter is not finished here: rank 0 finishes it
+        with the exact totals once every rank has reported (the run gathers them)."""
         self._publish(force=True)
         if self.rank == 0:
             totals = self._sum()
             self.inner.update(totals["encoded"], totals["failed"], totals["bytes"])
-            self.inner.finish()
 
     def _publish(self, force: bool = False) -> bool:
         now = time.monotonic()
@@ -73,6 +74,16 @@ class RankAggregator:
             for name in totals:
                 totals[name] += int(counts.get(name, 0))
         return totals
+
+
+def remove_run_dir(root: str | os.PathLike[str], run_id: str) -> None:
+    """Drop a finished run's progress files (rank 0, after every rank has reported)."""
+    folder = run_dir(root, run_id)
+    for path in folder.glob("rank*.json*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,6 +20,11 @@ from vggtctl import sidecar
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
+
+class DiskFullSkipped(OSError):
+    """A write not attempted because the disk filled up earlier in this run (not the item's fault)."""
+
+
 # on_done(token, bytes_written or None, error or None)
 DoneCallback = Callable[[Any, "int | None", "BaseException | None"], None]
 
@@ -60,13 +65,15 @@ class SidecarWriter:
         error: BaseException | None = None
         try:
             if self.disk_full.is_set():
-                raise OSError(errno.ENOSPC, "not written: the disk filled up earlier in this run")
+                raise DiskFullSkipped(errno.ENOSPC, "not written: the disk filled up earlier in this run")
             written = sidecar.write(path, features, meta, fsync=self._fsync)
         except OSError as err:
             error = err
             if err.errno in DISK_FULL_ERRNOS and not self.disk_full.is_set():
-                self.disk_full_message = f"{path}: {err.strerror or err}"
-                self.disk_full.set()
+                with self._budget:
+                    if not self.disk_full.is_set():
+                        self.disk_full_message = f"{path}: {err.strerror or err}"
+                        self.disk_full.set()
         except Exception as err:  # one bad write fails that item, not the run
             error = err
         finally:

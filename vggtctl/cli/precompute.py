@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.progress import (
@@ -19,10 +23,18 @@ from rich.progress import (
 from rich.table import Table
 
 from vggtctl.cli import render
-from vggtctl.distributed import RELAUNCHED_ENV, dist_info, relaunch
-from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, VggtctlError
+from vggtctl.distributed import RELAUNCHED_ENV, DistInfo, dist_info, relaunch, report_exit_code
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, ConfigError, VggtctlError
 from vggtctl.failures import failures_path
-from vggtctl.precompute import Outcome, Plan, PrecomputeOptions, Reporter, run
+from vggtctl.precompute import (
+    CHUNK_ITEMS,
+    Outcome,
+    Plan,
+    PrecomputeInterrupted,
+    PrecomputeOptions,
+    Reporter,
+    run,
+)
 from vggtctl.settings import find_config, pick
 
 
@@ -87,11 +99,18 @@ def _plan_table(plan: Plan) -> Table:
     table.add_row("items", f"{plan.items:,}")
     if plan.conflicts:
         table.add_row("conflicting histories", f"{plan.conflicts:,} (one sidecar per image: first item kept)")
-    table.add_row("sidecars (this rank's shard)", f"{plan.shard_items:,}")
+    table.add_row("sidecars (one per image)", f"{plan.sidecars:,}")
+    if plan.shard_items != plan.sidecars:
+        table.add_row("in this process's shard", f"{plan.shard_items:,}")
     table.add_row("already valid", f"{plan.already_valid:,}")
     table.add_row("to encode", f"{plan.to_encode:,}")
     table.add_row("projected bytes", render.size(plan.projected_bytes))
-    eta = render.duration(plan.projected_seconds) if plan.projected_seconds else "no rate measured yet"
+    if plan.to_encode == 0:
+        eta = "nothing to do"
+    elif plan.projected_seconds is None:
+        eta = "no rate measured yet"
+    else:
+        eta = render.duration(plan.projected_seconds)
     table.add_row("projected time", eta)
     if plan.missing_images or plan.catalog_problems:
         table.add_row(
@@ -183,6 +202,12 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
         allow_download: bool = typer.Option(False, "--allow-download", help="Let a Hub id download weights."),
         fsync: bool = typer.Option(False, "--fsync", help="fsync every sidecar before its rename."),
+        chunk_items: int | None = typer.Option(
+            None,
+            "--chunk-items",
+            min=1,
+            help="Items per claim chunk (64); processes sharing a root must use the same.",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the outcome."),
     ) -> None:
         """Compute VGGT features for every item under ROOT and write sidecars; resumable.
@@ -203,62 +228,116 @@ def register(app: typer.Typer) -> None:
             and not os.environ.get(RELAUNCHED_ENV)
             and "RANK" not in os.environ
         ):
-            raise typer.Exit(relaunch(int(gpus_value), _strip_gpus(sys.argv[1:])))
-        model = pick("vggt_model", vggt_model, config, "precompute")
-        if not model:
-            render.fail("no model: pass --vggt-model (a checkpoint, a Hub id, or tiny-random)")
-        device_list = pick("devices", devices, config, "precompute")
-        opts = PrecomputeOptions(
-            root=root,
-            vggt_model=str(model),
-            qwen_model=pick("qwen_model", qwen_model, config, "precompute"),
-            preset=str(pick("preset", preset, config, "precompute", "janusvln")),
-            layer=int(pick("layer", layer, config, "precompute", -2)),
-            attention=pick("attention", attention, config, "precompute"),
-            layout=str(pick("layout", layout, config, "precompute", "auto")),
-            annotations=list(annotations or config.get("annotations", []) or []),
-            data_path=pick("data_path", data_path, config, "precompute"),
-            max_history=int(pick("max_history", max_history, config, "precompute", 8)),
-            context=str(pick("context", context, config, "precompute", "auto")),
-            evict_start=evict_start,
-            evict_recent=evict_recent,
-            batch_size=_int_or_none(pick("batch_size", batch_size, config, "precompute")),
-            workers=_int_or_none(pick("workers", workers, config, "precompute")),
-            dtype=pick("dtype", dtype, config, "precompute"),
-            device=pick("device", device, config, "precompute"),
-            devices=str(device_list).split(",") if device_list else None,
-            limit=limit,
-            force=force,
-            verify=verify,
-            dry_run=dry_run,
-            allow_download=allow_download,
-            fsync=fsync,
-        )
+            with _sigterm_as_interrupt():
+                raise typer.Exit(relaunch(int(gpus_value), _strip_gpus(sys.argv[1:])))
         info = dist_info()
+        try:
+            model = pick("vggt_model", vggt_model, config, "precompute")
+            if not model:
+                raise ConfigError("no model: pass --vggt-model (a checkpoint, a Hub id, or tiny-random)")
+            device_list = pick("devices", devices, config, "precompute")
+            opts = PrecomputeOptions(
+                root=root,
+                vggt_model=str(model),
+                qwen_model=pick("qwen_model", qwen_model, config, "precompute"),
+                preset=str(pick("preset", preset, config, "precompute", "janusvln")),
+                layer=int(pick("layer", layer, config, "precompute", -2)),
+                attention=pick("attention", attention, config, "precompute"),
+                layout=str(pick("layout", layout, config, "precompute", "auto")),
+                annotations=list(annotations or config.get("annotations", []) or []),
+                data_path=pick("data_path", data_path, config, "precompute"),
+                max_history=int(pick("max_history", max_history, config, "precompute", 8)),
+                context=str(pick("context", context, config, "precompute", "auto")),
+                evict_start=evict_start,
+                evict_recent=evict_recent,
+                batch_size=_int_or_none(pick("batch_size", batch_size, config, "precompute")),
+                workers=_int_or_none(pick("workers", workers, config, "precompute")),
+                dtype=pick("dtype", dtype, config, "precompute"),
+                device=pick("device", device, config, "precompute"),
+                devices=str(device_list).split(",") if device_list else None,
+                limit=limit,
+                force=force,
+                verify=verify,
+                dry_run=dry_run,
+                allow_download=allow_download,
+                fsync=fsync,
+                chunk_items=int(pick("chunk_items", chunk_items, config, "precompute", CHUNK_ITEMS)),
+            )
+        except (ValueError, VggtctlError) as err:
+            _exit(_error(err), info)
         show = info.is_main and not as_json and sys.stderr.isatty()
         try:
-            outcome = run(opts, RichReporter(enabled=show))
+            with _sigterm_as_interrupt():
+                outcome = run(opts, RichReporter(enabled=show))
         except VggtctlError as err:
-            render.fail(err)
+            _exit(_error(err), info)
+        except PrecomputeInterrupted as stop:
+            if info.is_main:
+                _show(stop.outcome, root, as_json, dry_run=False)
+                render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
+            _exit(EXIT_INTERRUPTED, info)
         except KeyboardInterrupt:
-            render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        if not info.is_main:
-            raise typer.Exit(EXIT_PARTIAL if outcome.failed or outcome.disk_full else 0)
-        if as_json:
-            render.print_json(outcome.to_dict())
-        elif dry_run:
-            render.out.print(_plan_table(outcome.plan))
-        else:
-            render.out.print(_summary_table(outcome, root))
-        if outcome.disk_full:
-            render.err.print(f"stopped: disk full ({outcome.disk_full}); free space and rerun", markup=False)
-            raise typer.Exit(EXIT_PARTIAL)
-        if outcome.verify_problems:
-            render.err.print(f"{outcome.verify_problems} written sidecars failed the full read", markup=False)
-            raise typer.Exit(EXIT_PARTIAL)
-        if outcome.failed:
-            raise typer.Exit(EXIT_PARTIAL)
+            render.err.print("interrupted before encoding started; nothing was written", markup=False)
+            _exit(EXIT_INTERRUPTED, info)
+        if info.is_main:
+            _show(outcome, root, as_json, dry_run)
+        _exit(exit_code(outcome), info)
+
+
+def exit_code(outcome: Outcome) -> int:
+    """0 when every item this run took on has a sidecar now, 3 (partial) otherwise."""
+    if outcome.disk_full or outcome.verify_problems or outcome.failed:
+        return EXIT_PARTIAL
+    return 0
+
+
+def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        render.print_json(outcome.to_dict())
+    elif dry_run:
+        render.out.print(_plan_table(outcome.plan))
+    else:
+        render.out.print(_summary_table(outcome, root))
+    if outcome.disk_full:
+        render.err.print(
+            f"stopped: the disk is full ({outcome.disk_full}); free space and rerun to resume. "
+            "Sidecars already written are complete; nothing partial was left behind.",
+            markup=False,
+        )
+    if outcome.verify_problems:
+        render.err.print(f"{outcome.verify_problems} written sidecars failed the full read", markup=False)
+    if outcome.failed:
+        render.err.print(f"{outcome.failed} items failed; see {failures_path(root)}", markup=False)
+
+
+def _error(err: Exception) -> int:
+    """Print a one-line error and return its exit code."""
+    render.err.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+    return getattr(err, "exit_code", EXIT_USAGE)
+
+
+def _exit(code: int, info: DistInfo) -> NoReturn:
+    """Exit with `code`; a rank started by `--gpus` hands it to the parent instead."""
+    raise typer.Exit(0 if report_exit_code(code, info) else code)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or torchrun's stop) ends the run like Ctrl-C: in-flight writes
+    finish, claims are released, exit 130."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (e.g. an embedding test runner)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_or_none(value: object) -> int | None:
