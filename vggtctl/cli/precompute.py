@@ -83,7 +83,7 @@ class RichReporter(Reporter):
         )
 
     def message(self, text: str) -> None:
-        render.err.print(text, markup=False, highlight=False)
+        render.err.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def finish(self) -> None:
         if self.progress is not None:
@@ -303,11 +303,15 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
             f"stopped: the disk is full ({outcome.disk_full}); free space and rerun to resume. "
             "Sidecars already written are complete; nothing partial was left behind.",
             markup=False,
+            soft_wrap=True,
         )
     if outcome.verify_problems:
         render.err.print(f"{outcome.verify_problems} written sidecars failed the full read", markup=False)
     if outcome.failed:
-        render.err.print(f"{outcome.failed} items failed; see {failures_path(root)}", markup=False)
+        # soft_wrap: a path broken over two lines cannot be pasted
+        render.err.print(
+            f"{outcome.failed} items failed; see {failures_path(root)}", markup=False, soft_wrap=True
+        )
 
 
 def _error(err: Exception) -> int:

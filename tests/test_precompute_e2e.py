@@ -1,0 +1,286 @@
+"""`precompute` end to end, in this process (tiny-random model, CPU, fp32, no decode workers):
+the three layouts, resume and --force, bad images, unwritable folders, a full disk, --dry-run
+and --json. Every result is judged by the training side's `FeatureStore` or by ground truth the
+test builds itself."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from precompute_trees import (
+    CLI_FAST,
+    catalog_items,
+    corrupt_sidecars,
+    episodes_tree,
+    failure_records,
+    image,
+    opts,
+    plain_tree,
+    sidecars_under,
+    temp_files_under,
+    verdicts,
+)
+from typer.testing import CliRunner
+
+from vggtctl import manifest, sidecar
+from vggtctl.catalog import Item
+from vggtctl.cli.app import app
+from vggtctl.errors import ConfigError
+from vggtctl.keys import FeatureKey
+from vggtctl.precompute import run
+
+
+def _key(outcome) -> FeatureKey:
+    return FeatureKey.from_meta(outcome.feature_key)
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["precompute", *args, *CLI_FAST, "--workers", "0"])
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_episodes_every_item_valid_rerun_encodes_nothing_force_all(tmp_path):
+    images = episodes_tree(tmp_path)
+    first = run(opts(tmp_path, max_history=2))
+    assert (first.encoded, first.failed, first.plan.items) == (len(images), 0, len(images))
+    assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in images)
+
+    key = _key(first)
+    assert manifest.load(tmp_path).current_key == key
+    assert key.context.kind == "sequence"
+    items = catalog_items(tmp_path, max_history=2)
+    assert verdicts(items, key) == {"valid": len(images)}
+    header = sidecar.read_header(sidecar.sidecar_path(images[-1]))
+    assert len(header.meta["context"]["frames"]) == 3  # max_history + 1, current image last
+    assert header.meta["context"]["frames"][-1] == os.path.basename(images[-1])
+
+    again = run(opts(tmp_path, max_history=2))
+    assert (again.encoded, again.plan.already_valid, again.plan.to_encode) == (0, len(images), 0)
+
+    before = {p: os.stat(p).st_mtime_ns for p in sidecars_under(tmp_path)}
+    forced = run(opts(tmp_path, max_history=2, force=True))
+    assert forced.encoded == len(images)
+    assert all(os.stat(p).st_mtime_ns != before[p] for p in before)
+    assert verdicts(items, key) == {"valid": len(images)}
+    assert [r["encoded"] for r in manifest.load(tmp_path).runs] == [len(images), 0, len(images)]
+    assert temp_files_under(tmp_path) == []
+    assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
+
+
+def test_other_history_length_is_a_context_mismatch(tmp_path):
+    episodes_tree(tmp_path, episodes=1, steps=4)
+    outcome = run(opts(tmp_path, max_history=2))
+    other = catalog_items(tmp_path, max_history=1)
+    # step 0's history is frame 0 padded either way, so only the first item may still match
+    assert verdicts(other[1:], _key(outcome)) == {"context-mismatch": 3}
+
+
+def test_plain_layout_context_none(tmp_path):
+    images = plain_tree(tmp_path)
+    outcome = run(opts(tmp_path))
+    assert (outcome.plan.layout, outcome.plan.context) == ("plain", "none")
+    assert outcome.encoded == len(images)
+    key = _key(outcome)
+    assert key.context.kind == "none"
+    items = [Item.from_paths([p]) for p in images]  # ground truth: one item per image
+    assert verdicts(items, key) == {"valid": len(images)}
+    assert verdicts(catalog_items(tmp_path), key) == {"valid": len(images)}
+    assert run(opts(tmp_path)).encoded == 0
+
+
+def test_annotations_same_image_other_history_is_told_apart(tmp_path):
+    a, b, c, d = (image(tmp_path / "frames" / f"{n}.jpg", seed) for seed, n in enumerate("abcd"))
+    samples = [
+        {"images": ["frames/a.jpg", "frames/c.jpg"]},
+        {"images": ["frames/b.jpg", "frames/c.jpg"]},  # c again, after another history
+        {"history_images": ["frames/a.jpg"], "current_image": "frames/b.jpg"},
+        {"image": "frames/d.jpg"},
+    ]
+    ann = tmp_path / "train.jsonl"
+    ann.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    outcome = run(opts(tmp_path, annotations=[str(ann)]))
+    assert (outcome.plan.layout, outcome.plan.context) == ("annotations", "sequence")
+    assert (outcome.plan.items, outcome.plan.sidecars, outcome.plan.conflicts) == (4, 3, 1)
+    assert outcome.encoded == 3
+    assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in (b, c, d))
+
+    store_key = _key(outcome)
+    first, second, third, fourth = (Item.from_paths(p) for p in ([a, c], [b, c], [a, b], [d]))
+    judged = {item: verdicts([item], store_key) for item in (first, second, third, fourth)}
+    assert judged[first] == {"valid": 1}
+    assert judged[second] == {"context-mismatch": 1}  # never served the features of a's history
+    assert judged[third] == {"valid": 1}
+    assert judged[fourth] == {"valid": 1}
+    assert run(opts(tmp_path, annotations=[str(ann)])).encoded == 0
+
+
+# --------------------------------------------------------------------------- --dry-run, --json
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_dry_run_writes_nothing_and_json_is_one_document(tmp_path):
+    images = episodes_tree(tmp_path)
+    before = _snapshot(tmp_path)
+    result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]  # the whole stdout is one document
+    assert _snapshot(tmp_path) == before
+    assert (plan["items"], plan["already_valid"], plan["to_encode"]) == (len(images), 0, len(images))
+    assert plan["projected_bytes"] == plan["bytes_per_item"] * len(images) > 0
+    assert plan["projected_seconds"] is None  # no run measured yet
+
+    result = _invoke(str(tmp_path), "--max-history", "2", "--json")
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.stdout)
+    assert done["encoded"] == len(images)
+    sizes = [os.path.getsize(p) for p in sidecars_under(tmp_path)]
+    assert abs(plan["bytes_per_item"] - max(sizes)) / max(sizes) < 0.05
+
+    result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
+    assert result.exit_code == 0
+    for label in ("items", "already valid", "to encode", "projected bytes", "projected time"):
+        assert label in result.stdout
+    result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run", "--force", "--json")
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["to_encode"] == len(images) and plan["projected_seconds"] > 0  # from the recorded rate
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_images_are_per_item_failures_exit_3(tmp_path):
+    images = episodes_tree(tmp_path)
+    garbage, empty, text, truncated = images[3], images[4], images[5], images[6]
+    Path(garbage).write_bytes(os.urandom(3000))
+    Path(empty).write_bytes(b"")
+    Path(text).write_text("this is not an image\n")
+    Path(truncated).write_bytes(Path(images[0]).read_bytes()[:400])
+    bad = {garbage, empty, text, truncated}
+
+    result = _invoke(str(tmp_path), "--context", "none", "--json")
+    assert result.exit_code == 3, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["encoded"], doc["failed"]) == (len(images) - len(bad), len(bad))
+    records = failure_records(tmp_path)
+    assert {r["path"] for r in records} == bad
+    assert all(r["stage"] == "decode" and r["reason"] and r["run"] == doc["run_id"] for r in records)
+    assert "failures.jsonl" in result.stderr
+    key = FeatureKey.from_meta(doc["feature_key"])
+    good = [Item.from_paths([p]) for p in images if p not in bad]
+    assert verdicts(good, key) == {"valid": len(good)}
+    assert not any(os.path.exists(sidecar.sidecar_path(p)) for p in bad)
+
+
+def test_bad_history_frame_fails_the_items_that_stream_it(tmp_path):
+    images = episodes_tree(tmp_path, episodes=1, steps=4)
+    broken = images[1]
+    Path(broken).write_bytes(b"\x89PNG but not really")
+    outcome = run(opts(tmp_path, max_history=2))
+    items = catalog_items(tmp_path, max_history=2)
+    streaming_it = {item.image for item in items if broken in item.frames}
+    assert len(streaming_it) == 3
+    assert (outcome.encoded, outcome.failed) == (len(items) - 3, 3)
+    records = {r["path"]: r for r in failure_records(tmp_path)}
+    assert set(records) == streaming_it
+    assert "context frame" not in records[broken]["reason"]
+    for path in streaming_it - {broken}:
+        assert records[path]["reason"].startswith(f"context frame {os.path.basename(broken)}: ")
+
+
+def test_unwritable_folder_is_a_per_item_failure(tmp_path, monkeypatch):
+    images = episodes_tree(tmp_path)
+    locked = os.path.dirname(images[-1])
+    real_write = sidecar.write
+
+    def write(path, features, meta, *, fsync=False):
+        if os.path.dirname(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_write(path, features, meta, fsync=fsync)
+
+    monkeypatch.setattr(sidecar, "write", write)
+    outcome = run(opts(tmp_path, context="none"))
+    in_locked = [p for p in images if os.path.dirname(p) == locked]
+    assert (outcome.encoded, outcome.failed) == (len(images) - len(in_locked), len(in_locked))
+    records = failure_records(tmp_path)
+    assert sorted(r["path"] for r in records) == in_locked
+    for record in records:
+        assert record["stage"] == "write"
+        assert record["reason"] == (
+            f"cannot write {os.path.basename(record['path'])}.vggt_cache.pt: Permission denied"
+        )
+    assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in images if p not in in_locked)
+
+
+def test_unwritable_data_root_is_a_clear_error(tmp_path):
+    episodes_tree(tmp_path, episodes=1, steps=2)
+    (tmp_path / ".vggtctl").write_text("a file where the run state folder should be")
+    with pytest.raises(ConfigError, match=r"\.vggtctl/claims: cannot create it"):
+        run(opts(tmp_path, context="none"))
+
+
+@pytest.fixture
+def disk_fills_after(monkeypatch):
+    """torch.save writes part of the file, then fails with ENOSPC, once `n` saves succeeded."""
+
+    def install(n: int) -> None:
+        real_save = torch.save
+        count = Counter()
+        lock = threading.Lock()
+
+        def save(obj, fh, *args, **kwargs):
+            with lock:
+                count["calls"] += 1
+                full = count["calls"] > n
+            if full:
+                fh.write(b"PK\x03\x04 partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, fh, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+
+    return install
+
+
+def test_disk_full_stops_cleanly(tmp_path, disk_fills_after):
+    images = episodes_tree(tmp_path, episodes=3, steps=4)
+    disk_fills_after(3)
+    outcome = run(opts(tmp_path, context="none", batch_size=2))
+    assert "No space left on device" in outcome.disk_full
+    assert outcome.encoded == 3
+    assert outcome.encoded + outcome.failed + outcome.not_written < len(images)  # it stopped early
+    assert temp_files_under(tmp_path) == []
+    written = sidecars_under(tmp_path)
+    assert len(written) == 3
+    assert corrupt_sidecars(tmp_path) == []
+    assert verdicts([Item.from_paths([sidecar.image_path_of(p)]) for p in written], _key(outcome)) == {
+        "valid": 3
+    }
+    assert manifest.load(tmp_path).runs[-1]["disk_full"]
+
+
+def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):
+    episodes_tree(tmp_path, episodes=2, steps=4)
+    disk_fills_after(2)
+    result = _invoke(str(tmp_path), "--context", "none", "--batch-size", "2", "--json")
+    assert result.exit_code == 3, result.output
+    assert json.loads(result.stdout)["encoded"] == 2
+    assert "disk is full" in result.stderr and "rerun" in result.stderr
+    assert temp_files_under(tmp_path) == []

@@ -1,0 +1,144 @@
+"""`vggtctl precompute` as real processes: killed with SIGKILL, stopped with Ctrl-C, two runs
+on one root at once, and two ranks under torch's launcher (CPU workers with gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from precompute_trees import (
+    CLI_FAST,
+    catalog_items,
+    corrupt_sidecars,
+    episodes_tree,
+    opts,
+    sidecars_under,
+    start_cli,
+    temp_files_under,
+    verdicts,
+)
+
+from vggtctl import audit, manifest
+from vggtctl.keys import FeatureKey
+from vggtctl.precompute import run
+from vggtctl.sidecar import Verdict
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 120
+
+
+def _wait_for_sidecars(proc: subprocess.Popen[str], root: Path, count: int) -> None:
+    """Poll until `count` sidecars exist; fails if the process ends first."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(sidecars_under(root)) < count:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"precompute ended (exit {proc.returncode}) before {count} sidecars: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no sidecars appeared")
+        time.sleep(0.02)
+
+
+def _slow_args(root: Path, workers: int = 0) -> list[str]:
+    # one item per forward, so the run is still going when the test signals it
+    return [
+        "precompute",
+        str(root),
+        *CLI_FAST,
+        "--max-history",
+        "2",
+        "--batch-size",
+        "1",
+        "--workers",
+        str(workers),
+    ]
+
+
+def _full_coverage(root: Path, key: FeatureKey, items: int) -> None:
+    """Every item served by the training-side store, and `verify`'s full read finds no corrupt file."""
+    assert verdicts(catalog_items(root, max_history=2), key) == {"valid": items}
+    assert corrupt_sidecars(root) == []
+    report = audit.audit(root, audit.expectation_from(root), full=True, workers=2)
+    assert (report.count(Verdict.VALID), report.count(Verdict.CORRUPT)) == (items, 0)
+
+
+def test_sigkill_then_rerun_resumes_without_corrupt_sidecars(tmp_path):
+    images = episodes_tree(tmp_path, episodes=6, steps=8)
+    proc = start_cli(*_slow_args(tmp_path), "--json")
+    _wait_for_sidecars(proc, tmp_path, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == -signal.SIGKILL
+    survived = len(sidecars_under(tmp_path))
+    assert 2 <= survived < len(images)
+    assert corrupt_sidecars(tmp_path) == []
+    assert list((tmp_path / ".vggtctl" / "claims").iterdir())  # the dead run's claim is left behind
+
+    rerun = run(opts(tmp_path, max_history=2))  # takes the dead pid's claim over
+    assert rerun.encoded == len(images) - survived
+    _full_coverage(tmp_path, FeatureKey.from_meta(rerun.feature_key), len(images))
+    assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
+    # a SIGKILL may leave one temp file of a write in flight: debris, never a sidecar
+    assert all(".tmp-" in os.path.basename(p) for p in temp_files_under(tmp_path))
+
+
+def test_ctrl_c_finishes_inflight_writes_exit_130_and_rerun_resumes(tmp_path):
+    images = episodes_tree(tmp_path, episodes=6, steps=8)
+    proc = start_cli(*_slow_args(tmp_path, workers=1), "--json", own_group=True)
+    _wait_for_sidecars(proc, tmp_path, 2)
+    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: the decode worker gets it too
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    doc = json.loads(out)
+    assert doc["interrupted"] is True
+    on_disk = sidecars_under(tmp_path)
+    assert doc["encoded"] == len(on_disk) < len(images)  # every write it started has landed
+    assert temp_files_under(tmp_path) == []
+    assert corrupt_sidecars(tmp_path) == []
+    assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
+    assert manifest.load(tmp_path).runs[-1]["interrupted"] is True
+
+    rerun = run(opts(tmp_path, max_history=2))
+    assert rerun.encoded == len(images) - len(on_disk)
+    _full_coverage(tmp_path, FeatureKey.from_meta(rerun.feature_key), len(images))
+
+
+def test_two_concurrent_runs_share_the_work(tmp_path):
+    images = episodes_tree(tmp_path, episodes=4, steps=4)
+    args = [*_slow_args(tmp_path), "--chunk-items", "2", "--json"]
+    procs = [start_cli(*args), start_cli(*args)]
+    docs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, err[-2000:]
+        docs.append(json.loads(out))
+    assert sum(d["encoded"] for d in docs) == len(images)  # nothing encoded twice
+    _full_coverage(tmp_path, FeatureKey.from_meta(docs[0]["feature_key"]), len(images))
+    assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
+    assert len(manifest.load(tmp_path).runs) == 2
+
+
+def test_two_ranks_under_torch_launcher_cover_the_tree_once(tmp_path):
+    images = episodes_tree(tmp_path, episodes=2, steps=4)
+    args = ["precompute", str(tmp_path), *CLI_FAST, "--max-history", "2", "--workers", "0"]
+    proc = start_cli(*args, "--gpus", "2", "--chunk-items", "2", "--json")
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+    doc = json.loads(out)
+    assert doc["ranks"] == 2
+    assert doc["encoded"] == len(images)
+    assert len(doc["per_rank"]) == 2 and all(n > 0 for n in doc["per_rank"])
+    assert sum(doc["per_rank"]) == len(images)  # with full coverage: disjoint shards
+    assert doc["plan"]["to_encode"] == len(images)  # both shards' plans summed
+    _full_coverage(tmp_path, FeatureKey.from_meta(doc["feature_key"]), len(images))
+    last = manifest.load(tmp_path).runs[-1]
+    assert (last["ranks"], last["per_rank"]) == (2, doc["per_rank"])
+    assert list((tmp_path / ".vggtctl" / "runs").iterdir()) == []

@@ -1,0 +1,365 @@
+"""Precompute building blocks without a model: claims, the writer pool, CPU counting, the
+relaunch exit code, deduplication and chunking."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from vggtctl import claims, distributed, sidecar
+from vggtctl.catalog import Item
+from vggtctl.cli.precompute import _strip_gpus
+from vggtctl.distributed import DistInfo
+from vggtctl.precompute import chunked, unique_by_sidecar
+from vggtctl.writer import DiskFullSkipped, SidecarWriter
+
+# --------------------------------------------------------------------------- claims
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not us."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_claim(root: Path, chunk: str, owner: dict, age_s: float = 0.0) -> Path:
+    path = claims.claims_dir(root) / f"{chunk}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(owner))
+    if age_s:
+        past = time.time() - age_s
+        os.utime(path, (past, past))
+    return path
+
+
+def _local_owner(pid: int) -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pidns": claims._pid_namespace(),
+        "pid": pid,
+        "start": claims.process_start(pid),
+        "time": time.time(),
+    }
+
+
+def test_claim_is_exclusive_and_released(tmp_path):
+    book = claims.ClaimBook(tmp_path)
+    assert book.try_claim("c1")
+    owner = json.loads((claims.claims_dir(tmp_path) / "c1.claim").read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    other = claims.ClaimBook(tmp_path)  # a second open book in this live process
+    assert not other.try_claim("c1")
+    book.release("c1")
+    assert not (claims.claims_dir(tmp_path) / "c1.claim").exists()
+    assert other.try_claim("c1")
+    other.release_all()
+    assert list(claims.claims_dir(tmp_path).iterdir()) == []
+
+
+def test_claim_of_live_process_is_respected(tmp_path, sleeper):
+    path = _write_claim(tmp_path, "c", _local_owner(sleeper.pid))
+    before = path.read_text()
+    assert not claims.ClaimBook(tmp_path).try_claim("c")
+    assert path.read_text() == before
+
+
+def test_claim_of_dead_pid_on_this_host_is_taken_over(tmp_path):
+    owner = _local_owner(os.getpid())
+    owner["pid"] = _dead_pid()
+    _write_claim(tmp_path, "c", owner)
+    book = claims.ClaimBook(tmp_path)
+    assert book.try_claim("c")
+    assert json.loads((claims.claims_dir(tmp_path) / "c.claim").read_text())["pid"] == os.getpid()
+    assert book.taken_over == 1
+    assert [p.name for p in claims.claims_dir(tmp_path).iterdir()] == ["c.claim"]  # nothing left aside
+
+
+@pytest.mark.skipif(claims.process_start(os.getpid()) is None, reason="no /proc start times here")
+def test_claim_of_reused_pid_is_taken_over(tmp_path, sleeper):
+    owner = _local_owner(sleeper.pid)
+    owner["start"] -= 1  # the pid now belongs to a process that started later than the owner
+    _write_claim(tmp_path, "c", owner)
+    assert claims.ClaimBook(tmp_path).try_claim("c")
+
+
+def test_leftover_claim_of_a_closed_book_in_this_process_is_taken_over(tmp_path):
+    first = claims.ClaimBook(tmp_path)
+    assert first.try_claim("c")
+    first.held.clear()  # as if the run died without releasing
+    first.release_all()  # closes the book
+    assert claims.ClaimBook(tmp_path).try_claim("c")
+
+
+def test_claim_from_another_host_waits_for_the_ttl(tmp_path):
+    foreign = {"host": "elsewhere-" + socket.gethostname(), "pidns": None, "pid": 1, "start": 5}
+    _write_claim(tmp_path, "fresh", foreign)
+    _write_claim(tmp_path, "old", foreign, age_s=claims.DEFAULT_TTL_S + 60)
+    book = claims.ClaimBook(tmp_path)
+    assert not book.try_claim("fresh")
+    assert book.try_claim("old")
+
+
+def test_old_claim_is_taken_over_even_from_a_live_local_pid(tmp_path, sleeper):
+    _write_claim(tmp_path, "c", _local_owner(sleeper.pid), age_s=120)
+    assert not claims.ClaimBook(tmp_path, ttl_s=600).try_claim("c")
+    assert claims.ClaimBook(tmp_path, ttl_s=60).try_claim("c")
+
+
+def test_empty_claim_being_written_is_respected(tmp_path):
+    _write_claim(tmp_path, "c", {}).write_text("")
+    assert not claims.ClaimBook(tmp_path).try_claim("c")
+
+
+def test_heartbeat_refreshes_held_claims(tmp_path):
+    book = claims.ClaimBook(tmp_path)
+    assert book.try_claim("c")
+    path = claims.claims_dir(tmp_path) / "c.claim"
+    past = time.time() - 3600
+    os.utime(path, (past, past))
+    book.heartbeat()
+    assert path.stat().st_mtime > past + 1800
+
+
+def test_chunk_ids_depend_on_key_position_and_size():
+    base = claims.chunk_id("key", "/a.jpg", 0, 64)
+    assert base == claims.chunk_id("key", "/a.jpg", 0, 64)
+    assert len({base, claims.chunk_id("other", "/a.jpg", 0, 64), claims.chunk_id("key", "/a.jpg", 0, 8)}) == 3
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.done: dict[str, tuple[int | None, BaseException | None]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, token, nbytes, error) -> None:
+        with self.lock:
+            self.done[token] = (nbytes, error)
+
+
+def _meta() -> dict:
+    return {"any": "thing"}
+
+
+def test_writer_bounds_pending_bytes(monkeypatch):
+    gate = threading.Semaphore(0)
+    peak = []
+
+    def slow_write(path, features, meta, fsync=False):
+        peak.append(writer.pending_bytes)
+        gate.acquire()
+        return 1
+
+    monkeypatch.setattr(sidecar, "write", slow_write)
+    rows = torch.zeros(4, 8)  # 128 bytes each
+    recorder = _Recorder()
+    writer = SidecarWriter(recorder, threads=4, max_pending_bytes=256)
+    writer.submit("a", rows, _meta(), "a")
+    writer.submit("b", rows, _meta(), "b")
+    assert writer.pending_bytes == 256
+    third_returned = threading.Event()
+
+    def third() -> None:
+        writer.submit("c", rows, _meta(), "c")
+        third_returned.set()
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    assert not third_returned.is_set()  # blocked: the budget is spent until a write finishes
+    gate.release()  # "a" or "b" completes
+    thread.join()
+    assert third_returned.is_set()
+    gate.release()
+    gate.release()
+    writer.close()
+    assert max(peak) <= 256
+    assert writer.pending_bytes == 0
+    assert set(recorder.done) == {"a", "b", "c"}
+
+
+def test_writer_accepts_one_item_larger_than_the_budget(monkeypatch):
+    monkeypatch.setattr(sidecar, "write", lambda path, features, meta, fsync=False: 7)
+    recorder = _Recorder()
+    writer = SidecarWriter(recorder, threads=1, max_pending_bytes=16)
+    writer.submit("big", torch.zeros(100), _meta(), "big")
+    writer.close()
+    assert recorder.done == {"big": (7, None)}
+
+
+def test_writer_disk_full_fails_later_writes_fast(monkeypatch):
+    calls = []
+
+    def write(path, features, meta, fsync=False):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return 10
+
+    monkeypatch.setattr(sidecar, "write", write)
+    recorder = _Recorder()
+    writer = SidecarWriter(recorder, threads=1)
+    for name in "abcd":
+        writer.submit(f"/x/{name}", torch.zeros(2), _meta(), name)
+    writer.close()
+    assert calls == ["/x/a", "/x/b"]  # c and d never reached the disk
+    assert writer.disk_full.is_set()
+    assert "/x/b" in writer.disk_full_message and "No space left" in writer.disk_full_message
+    assert recorder.done["a"] == (10, None)
+    assert isinstance(recorder.done["b"][1], OSError) and not isinstance(
+        recorder.done["b"][1], DiskFullSkipped
+    )
+    for name in "cd":
+        nbytes, error = recorder.done[name]
+        assert nbytes is None and isinstance(error, DiskFullSkipped) and error.errno == errno.ENOSPC
+
+
+def test_writer_reports_errors_per_item(monkeypatch):
+    def write(path, features, meta, fsync=False):
+        if path == "ro":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        if path == "odd":
+            raise ValueError("cannot pickle this")
+        return 5
+
+    monkeypatch.setattr(sidecar, "write", write)
+    recorder = _Recorder()
+    writer = SidecarWriter(recorder, threads=3)
+    for name in ("ok1", "ro", "odd", "ok2"):
+        writer.submit(name, torch.zeros(2), _meta(), name)
+    writer.close()
+    assert recorder.done["ok1"] == (5, None) and recorder.done["ok2"] == (5, None)
+    assert isinstance(recorder.done["ro"][1], PermissionError)
+    assert isinstance(recorder.done["odd"][1], ValueError)
+    assert not writer.disk_full.is_set()
+
+
+# --------------------------------------------------------------------------- CPUs
+
+
+def test_usable_cpus_follows_affinity_not_cpu_count(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    monkeypatch.setattr(distributed, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    assert distributed.usable_cpus() == 4
+
+
+def test_usable_cpus_honours_slurm_and_cgroup(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr(distributed, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "6")
+    assert distributed.usable_cpus() == 6
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "garbage")
+    assert distributed.usable_cpus() == 32
+    monkeypatch.setattr(distributed, "cgroup_cpu_limit", lambda: 3)
+    assert distributed.usable_cpus() == 3
+
+
+def test_default_loader_workers_split_over_local_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 16)
+    assert distributed.default_loader_workers(DistInfo(0, 1, 0, 1)) == 15
+    assert distributed.default_loader_workers(DistInfo(3, 8, 3, 4)) == 3
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 1)
+    assert distributed.default_loader_workers(DistInfo()) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), ("junk", None)]
+)
+def test_cgroup_cpu_limit(tmp_path, text, expected):
+    path = tmp_path / "cpu.max"
+    path.write_text(text + "\n")
+    assert distributed.cgroup_cpu_limit(str(path)) == expected
+    assert distributed.cgroup_cpu_limit(str(tmp_path / "absent")) is None
+
+
+# --------------------------------------------------------------------------- relaunch
+
+
+class _FakeLauncher:
+    """Stands in for `python -m torch.distributed.run`: each 'rank' leaves its exit code."""
+
+    codes: ClassVar[dict[int, int]] = {}
+    returncode = 0
+    argv: ClassVar[list[str]] = []
+
+    def __init__(self, argv, env):
+        type(self).argv = argv
+        self.env = env
+
+    def wait(self) -> int:
+        folder = self.env[distributed.RESULT_DIR_ENV]
+        for rank, code in self.codes.items():
+            Path(folder, f"rank{rank}.code").write_text(str(code))
+        return self.returncode
+
+
+@pytest.mark.parametrize(
+    ("codes", "launcher", "expected"),
+    [({0: 0, 1: 0}, 0, 0), ({0: 3, 1: 0}, 0, 3), ({0: 0, 1: 130}, 0, 130), ({0: 0}, 1, 1)],
+)
+def test_relaunch_exit_code_is_the_worst_rank(monkeypatch, codes, launcher, expected):
+    monkeypatch.setattr(distributed.subprocess, "Popen", _FakeLauncher)
+    monkeypatch.setattr(_FakeLauncher, "codes", codes)
+    monkeypatch.setattr(_FakeLauncher, "returncode", launcher)
+    assert distributed.relaunch(2, ["precompute", "/data", "--json"]) == expected
+    argv = _FakeLauncher.argv
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert argv[5:] == ["-m", "vggtctl", "precompute", "/data", "--json"]
+
+
+def test_report_exit_code_only_under_relaunch(monkeypatch, tmp_path):
+    monkeypatch.delenv(distributed.RELAUNCHED_ENV, raising=False)
+    monkeypatch.setenv(distributed.RESULT_DIR_ENV, str(tmp_path))
+    assert not distributed.report_exit_code(3, DistInfo(1, 2, 1, 2))
+    monkeypatch.setenv(distributed.RELAUNCHED_ENV, "1")
+    assert distributed.report_exit_code(3, DistInfo(1, 2, 1, 2))
+    assert (tmp_path / "rank1.code").read_text() == "3"
+
+
+def test_strip_gpus():
+    argv = ["precompute", "/d", "--gpus", "8", "--json", "--gpus=4", "--workers", "2"]
+    assert _strip_gpus(argv) == ["precompute", "/d", "--json", "--workers", "2"]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_unique_by_sidecar_keeps_the_first_history():
+    first = Item(("/d/a.jpg", "/d/c.jpg"))
+    other_history = Item(("/d/b.jpg", "/d/c.jpg"))
+    same_again = Item(("/d/a.jpg", "/d/c.jpg"))
+    single = Item(("/d/b.jpg",))
+    items, conflicts = unique_by_sidecar([first, other_history, same_again, single])
+    assert items == [first, single]
+    assert conflicts == 1
+
+
+def test_chunks_cover_every_item_once():
+    items = [Item((f"/d/{n}.jpg",)) for n in range(10)]
+    chunks = chunked(items, "key", 4)
+    assert [idx for _, idx in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len({cid for cid, _ in chunks}) == 3
+    assert chunked(items, "key", 4) == chunks  # the same on every rank and host
