@@ -147,8 +147,11 @@ def vggtctl_exe() -> str:
 
 def timed(cmd: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
-    proc = subprocess.run(cmd, check=True, **kwargs)
-    return time.perf_counter() - started, proc
+    proc = subprocess.run(cmd, **kwargs)
+    seconds = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr or ''}")
+    return seconds, proc
 
 
 def time_status_vs_find(root: Path, repeat: int, info: dict) -> dict:

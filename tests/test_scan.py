@@ -194,3 +194,17 @@ def test_progress_reports_every_folder(tree: Path) -> None:
 
 
 TOTAL_FILES = scantree.TOTAL["images"] + scantree.TOTAL["cached"] + scantree.TOTAL["orphans"] + 1
+
+
+def test_collector_state_is_restored(tree: Path) -> None:
+    import gc
+
+    assert gc.isenabled()
+    scan.summarize(tree, processes=1)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        scan.summarize(tree, processes=1)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
