@@ -42,7 +42,7 @@ def _key(outcome) -> FeatureKey:
 
 
 def _invoke(*args: str):
-    return CliRunner().invoke(app, ["precompute", *args, *CLI_FAST, "--workers", "0"])
+    return CliRunner().invoke(app, ["precompute", *CLI_FAST, "--workers", "0", *args])  # later flags win
 
 
 # --------------------------------------------------------------------------- layouts
@@ -161,6 +161,43 @@ def test_dry_run_writes_nothing_and_json_is_one_document(tmp_path):
     result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run", "--force", "--json")
     plan = json.loads(result.stdout)["plan"]
     assert plan["to_encode"] == len(images) and plan["projected_seconds"] > 0  # from the recorded rate
+
+
+def test_limit_then_resume_and_verify(tmp_path):
+    images = episodes_tree(tmp_path)
+    part = run(opts(tmp_path, context="none", limit=3, verify=True))
+    assert (part.encoded, part.verify_problems) == (3, 0)
+    assert len(sidecars_under(tmp_path)) == 3
+    rest = run(opts(tmp_path, context="none"))
+    assert (rest.encoded, rest.plan.already_valid) == (len(images) - 3, 3)
+
+
+def test_empty_root_says_so(tmp_path):
+    result = _invoke(str(tmp_path), "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["plan"]["items"] == 0
+    assert "no items found" in result.stderr
+
+
+@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"]])
+def test_bad_options_exit_2_with_one_line(tmp_path, bad):
+    episodes_tree(tmp_path, episodes=1, steps=2)
+    result = _invoke(str(tmp_path), *bad)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert sidecars_under(tmp_path) == []
+
+
+def test_a_check_that_cannot_stat_means_encode(tmp_path, monkeypatch):
+    from vggtctl.data import FeatureStore
+    from vggtctl.precompute import needs_encoding
+
+    def check(self, item):
+        raise PermissionError(errno.EACCES, "Permission denied", item.image)
+
+    monkeypatch.setattr(FeatureStore, "check", check)
+    key = FeatureKey.from_meta(run(opts(tmp_path, dry_run=True)).feature_key)
+    assert needs_encoding(FeatureStore(key), Item.from_paths([tmp_path / "x.jpg"]))
 
 
 # --------------------------------------------------------------------------- bad input

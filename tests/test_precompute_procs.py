@@ -89,11 +89,19 @@ def test_sigkill_then_rerun_resumes_without_corrupt_sidecars(tmp_path):
     assert all(".tmp-" in os.path.basename(p) for p in temp_files_under(tmp_path))
 
 
-def test_ctrl_c_finishes_inflight_writes_exit_130_and_rerun_resumes(tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "whole_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-the-process"],
+)
+def test_interrupt_finishes_inflight_writes_exit_130_and_rerun_resumes(tmp_path, signum, whole_group):
     images = episodes_tree(tmp_path, episodes=6, steps=8)
     proc = start_cli(*_slow_args(tmp_path, workers=1), "--json", own_group=True)
     _wait_for_sidecars(proc, tmp_path, 2)
-    os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: the decode worker gets it too
+    if whole_group:
+        os.killpg(proc.pid, signum)  # like Ctrl-C in a terminal: the decode worker gets it too
+    else:
+        proc.send_signal(signum)  # like a scheduler stopping the job
     out, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err

@@ -152,13 +152,13 @@ class Reporter:
 # --------------------------------------------------------------------------- setup
 
 
+FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def _dtype(name: str) -> torch.dtype:
-    try:
-        value = getattr(torch, name)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ConfigError(f"--dtype {name}: not a torch dtype (use bfloat16, float16 or float32)")
+    value = FEATURE_DTYPES.get(str(name).removeprefix("torch."))
+    if value is None:
+        raise ConfigError(f"--dtype {name}: use one of {', '.join(FEATURE_DTYPES)}")
     return value
 
 
@@ -218,6 +218,15 @@ def chunked(items: Sequence[Item], key_id: str, size: int = CHUNK_ITEMS) -> list
     return chunks
 
 
+def needs_encoding(store: FeatureStore, item: Item) -> bool:
+    """True unless the item's sidecar is valid for the store's key. An error while checking
+    (an unreadable folder, say) means "encode it": the decode stage then reports it per item."""
+    try:
+        return store.check(item).verdict is not Verdict.VALID
+    except OSError:
+        return True
+
+
 def find_todo(
     items: Sequence[Item], indices: Sequence[int], store: FeatureStore, workers: int
 ) -> tuple[list[int], int]:
@@ -226,7 +235,7 @@ def find_todo(
         return [], 0
 
     def needs_work(i: int) -> bool:
-        return store.check(items[i]).verdict is not Verdict.VALID
+        return needs_encoding(store, items[i])
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
         flags = list(pool.map(needs_work, indices, chunksize=64))
@@ -368,13 +377,14 @@ class ClaimingSampler:
 class _Progress:
     """Counters shared by the writer threads and the main loop."""
 
-    def __init__(self, reporter: Reporter, failures: FailureLog) -> None:
+    def __init__(self, reporter: Reporter, failures: FailureLog, keep_paths: bool = False) -> None:
         self.reporter = reporter
         self.failures = failures
         self.lock = threading.Lock()
         self.encoded = 0
         self.bytes = 0
         self.not_written = 0
+        self.keep_paths = keep_paths  # only --verify needs them; 10^7 paths are a gigabyte
         self.written_paths: list[str] = []
 
     def fail(self, failure: Failure) -> None:
@@ -385,7 +395,8 @@ class _Progress:
         with self.lock:
             self.encoded += 1
             self.bytes += nbytes
-            self.written_paths.append(path)
+            if self.keep_paths:
+                self.written_paths.append(path)
         self._report()
 
     def skipped(self) -> None:
@@ -464,13 +475,20 @@ def plan_run(
     return plan, items, mine, todo, store
 
 
-def estimate_sidecar_bytes(encoder: Any, preset: Any, sample_image: str | None) -> int:
-    """Features bytes for one item (patches x 2C x dtype) plus the archive overhead."""
-    if sample_image is None:
-        return 0
-    try:
-        grid = preset.load(sample_image).grid_hw
-    except Exception:
+def estimate_sidecar_bytes(encoder: Any, preset: Any, samples: str | Sequence[str] | None) -> int:
+    """Features bytes for one item (patches x 2C x dtype) plus the archive overhead, from the
+    first sample image that decodes (0 when none does)."""
+    if samples is None:
+        samples = []
+    elif isinstance(samples, str):
+        samples = [samples]
+    for path in samples:
+        try:
+            grid = preset.load(path).grid_hw
+            break
+        except Exception:
+            continue
+    else:
         return 0
     channels = 2 * encoder.embed_dim if hasattr(encoder, "embed_dim") else 0
     itemsize = torch.empty((), dtype=encoder.dtype).element_size()
@@ -503,9 +521,9 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         torch.cuda.set_device(device)
     encoder, preset = build_encoder(opts, catalog.context_kind, device)
     key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
-    sample = catalog.items[0].image if catalog.items else None
+    samples = [item.image for item in catalog.items[:3]]
     plan, items, mine, todo, store = plan_run(
-        opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, sample)
+        opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, samples)
     )
     outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
     grouped = init_group(info)
@@ -552,7 +570,7 @@ def _execute(
     rank_reporter: Any = reporter
     if info.is_distributed:
         rank_reporter = RankAggregator(reporter, run_dir(root, run_id), info.rank, info.world_size)
-    progress = _Progress(rank_reporter, failures)
+    progress = _Progress(rank_reporter, failures, keep_paths=opts.verify)
     todo_set = set(todo)
     my_chunks = [(cid, [i for i in idx if i in todo_set]) for cid, idx in mine]
     my_chunks = [(cid, idx) for cid, idx in my_chunks if idx]
@@ -699,7 +717,7 @@ def _encode_all(
     def recheck(indices: list[int]) -> list[int]:
         if opts.force:
             return indices
-        return [i for i in indices if store.check(items[i]).verdict is not Verdict.VALID]
+        return [i for i in indices if needs_encoding(store, items[i])]
 
     def on_written(token: Any, nbytes: int | None, error: BaseException | None) -> None:
         index, path = token

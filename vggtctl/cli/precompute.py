@@ -292,6 +292,12 @@ def exit_code(outcome: Outcome) -> int:
 
 
 def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
+    if outcome.plan.items == 0:
+        render.err.print(
+            f"no items found under {root} ({outcome.plan.layout}: {outcome.plan.layout_reason})",
+            markup=False,
+            soft_wrap=True,
+        )
     if as_json:
         render.print_json(outcome.to_dict())
     elif dry_run:
