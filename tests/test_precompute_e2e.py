@@ -273,6 +273,27 @@ def test_unwritable_data_root_is_a_clear_error(tmp_path):
         run(opts(tmp_path, context="none"))
 
 
+def test_out_of_memory_halves_the_batch_then_fails_single_items(tmp_path, monkeypatch):
+    from vggtctl.encoder import Encoder
+
+    images = episodes_tree(tmp_path)
+    unlucky = images[5]
+    real = Encoder.encode_frames
+
+    def encode_frames(self, batch):
+        # a forward of more than one frame "runs out of memory"; so does the unlucky image alone
+        if batch.shape[0] > 1 or torch.equal(batch[0], self.preset.load(unlucky).tensor):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(Encoder, "encode_frames", encode_frames)
+    outcome = run(opts(tmp_path, context="none", batch_size=4))
+    assert (outcome.encoded, outcome.failed) == (len(images) - 1, 1)
+    [record] = failure_records(tmp_path)
+    assert (record["path"], record["stage"]) == (unlucky, "encode")
+    assert "out of memory" in record["reason"]
+
+
 @pytest.fixture
 def disk_fills_after(monkeypatch):
     """torch.save writes part of the file, then fails with ENOSPC, once `n` saves succeeded."""

@@ -48,6 +48,7 @@ from vggtctl.sidecar import Verdict
 from vggtctl.writer import DiskFullSkipped, SidecarWriter
 
 CHUNK_ITEMS = 64
+SHOWN_PROBLEMS = 10  # catalog problems printed before a count
 
 
 @dataclass
@@ -578,8 +579,13 @@ def _execute(
     start = time.perf_counter()
     try:
         rank_reporter.start(len(todo), outcome.plan)
-        for problem in catalog.problems:
-            rank_reporter.message(f"{problem}")
+        if info.is_main:
+            for problem in catalog.problems[:SHOWN_PROBLEMS]:
+                rank_reporter.message(f"{problem}")
+            if len(catalog.problems) > SHOWN_PROBLEMS:
+                rank_reporter.message(
+                    f"... and {len(catalog.problems) - SHOWN_PROBLEMS} more catalog problems"
+                )
         _encode_all(opts, items, my_chunks, store, encoder, key, preset, device, claims, progress, outcome)
     except KeyboardInterrupt:
         outcome.interrupted = True
@@ -805,14 +811,22 @@ class _GpuPipeline:
         self.progress = progress
         self.item_done = item_done
         self.pending: tuple[Any, torch.Tensor, list[Prepared]] | None = None
+        self.halved = 0  # batches split after running out of memory
 
     def submit(self, batch: list[Prepared]) -> None:
         try:
             launched = self._launch(batch)
-        except Exception as err:  # e.g. out of memory for one batch: fail its items, go on
+        except Exception as err:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            for sample in batch:
+            if _out_of_memory(err) and len(batch) > 1:
+                # a batch of long sequences may not fit where shorter ones did: halve and retry
+                self.halved += 1
+                half = len(batch) // 2
+                self.submit(batch[:half])
+                self.submit(batch[half:])
+                return
+            for sample in batch:  # one bad batch fails its items, not the run
                 self.progress.fail(
                     Failure(self.items[sample.index].image, "encode", f"{type(err).__name__}: {err}")
                 )
@@ -851,6 +865,11 @@ class _GpuPipeline:
             path = sidecar.sidecar_path(image)
             # clone: each sidecar owns exactly its rows; the batch buffer is reused by torch.
             self.writer.submit(path, host[row].clone(), sample.meta, (sample.index, path))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
 
 
 def sample_items(items: Sequence[Item], k: int, seed: int | None = None) -> list[Item]:
