@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -175,7 +176,7 @@ def test_plain_table_for_pipes(app, tree: Path) -> None:
     assert next(line for line in lines if line.startswith("total")).split()[:3] == ["total", "10", "5"]
     assert "\x1b[" not in result.stdout and "█" not in result.stdout
     assert any(line.startswith("Free space:") for line in lines)
-    assert any("Temp debris: 1 files" in line for line in lines)
+    assert any("Temp debris: 1 file," in line for line in lines)
 
 
 def test_installed_executable(tree: Path, vggtctl_exe) -> None:
@@ -210,3 +211,31 @@ def test_plain_status_never_imports_torch(tree: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("width", [200, 70])
+def test_terminal_table_drops_columns_rather_than_cutting_numbers(
+    tree: Path, monkeypatch, width: int
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from vggtctl.cli import render
+    from vggtctl.status import build_status
+
+    buffer = io.StringIO()
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    terminal = Console(file=buffer, force_terminal=True, width=width, no_color=True, highlight=False)
+    monkeypatch.setattr(render, "out", terminal)
+    status_cli.show(build_status(tree))
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", buffer.getvalue()).splitlines()
+    assert (
+        max(len(line) for line in lines if not line.startswith(("(", "Cache", "Time", "Temp", "Orph")))
+        <= width
+    )
+    ep1 = next(line for line in lines if line.lstrip().startswith("ep1 ")).split()
+    assert ep1[:2] == ["ep1", "7"] and "57.1%" in ep1 and "3" in ep1  # images, coverage, missing intact
+    assert not any("…" in line for line in lines)
+    narrow_note = any(line.startswith("(narrow terminal:") for line in lines)
+    assert narrow_note == (width < 100)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,25 +166,62 @@ def _positive_int(name: str, value: object) -> int | None:
 # --------------------------------------------------------------------------- rendering
 
 
+# Columns a narrow terminal drops first (all of them stay in --json and in plain output).
+# "bar" drops the coverage bar, "merge" folds the deep verdicts into valid/stale/mismatch/other.
+_DROPPABLE = ("image size", "temps", "orphans", "bar", "merge", "cached", "cache size")
+_MERGED = {
+    "valid": ("valid",),
+    "stale": ("stale",),
+    "mismatch": ("model-mismatch", "preprocess-mismatch", "context-mismatch"),
+    "other": ("legacy", "corrupt"),
+}
+
+
 def show(report: StatusReport) -> None:
     """The table and its footer on stdout."""
     from vggtctl.cli import render
 
     plain = "NO_COLOR" in os.environ or not render.out.is_terminal
-    table = status_table(report, plain=plain)
     console = render.out
+    hidden: list[str] = []
     if plain:
         from rich.console import Console
 
         # Not a terminal (or a reader who wants plain text): no fixed width, so never wrap or
         # cut a folder name; colors stay off exactly as on `render.out`.
         console = Console(width=100_000, no_color=render.out.no_color, highlight=False)
+        table = status_table(report, plain=True)
+    else:
+        # Rich would squeeze an over-wide table by cutting numbers ("1…"): drop whole
+        # columns instead, least useful first.
+        from rich.measure import Measurement
+
+        unbounded = console.options.update_width(100_000)
+        table = status_table(report, plain=False)
+        for column in _DROPPABLE:
+            if Measurement.get(console, unbounded, table).maximum <= console.width:
+                break
+            hidden.append(column)
+            table = status_table(report, plain=False, hide=hidden)
     console.print(table)
+    hidden_columns = [c for c in hidden if c not in ("bar", "merge")]
+    if hidden_columns:
+        console.print(
+            f"(narrow terminal: {', '.join(hidden_columns)} not shown; --json has every column)",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+    if "merge" in hidden:
+        console.print(
+            "(mismatch = model/preprocess/context-mismatch; other = legacy + corrupt)", soft_wrap=True
+        )
     for line in footer_lines(report):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def status_table(report: StatusReport, *, plain: bool):  # -> rich.table.Table
+def status_table(report: StatusReport, *, plain: bool, hide: Sequence[str] = ()):  # -> rich.table.Table
+    """The per-row table; `hide` names columns to leave out."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -192,48 +229,71 @@ def status_table(report: StatusReport, *, plain: bool):  # -> rich.table.Table
     from vggtctl.cli import render
     from vggtctl.status import VERDICT_ORDER
 
-    deep_columns = []
+    deep = report.deep is not None
+    groups: list[tuple[str, tuple[str, ...]]] = []  # verdict column -> the verdicts it sums
     if report.deep is not None:
-        deep_columns = [v for v in VERDICT_ORDER if v not in ("orphan", "temp") and report.deep.count(v)]
+        found = report.deep.count
+        if "merge" in hide:
+            groups = [(t, vs) for t, vs in _MERGED.items() if any(found(v) for v in vs)]
+        else:
+            groups = [(v, (v,)) for v in VERDICT_ORDER if v not in ("orphan", "temp") and found(v)]
+
+    def cells(stats, verdicts) -> dict[str, object]:  # column -> renderable
+        # With --deep, coverage counts only what training can use: valid sidecars.
+        covered = (verdicts or {}).get("valid", 0) if deep else stats.cached
+        row: dict[str, object] = {
+            "folder": Text(stats.name),
+            "images": f"{stats.images:,}",
+            "cached": f"{stats.cached:,}",
+            "coverage": _coverage_cell(covered, stats.images, plain or "bar" in hide),
+            "missing": f"{stats.missing:,}",
+        }
+        for title, members in groups:
+            row[title] = f"{sum((verdicts or {}).get(v, 0) for v in members):,}"
+        row.update(
+            {
+                "orphans": f"{stats.orphans:,}",
+                "temps": f"{stats.temps:,}",
+                "cache size": render.size(stats.sidecar_bytes),
+                "image size": render.size(stats.image_bytes),
+            }
+        )
+        return row
+
+    rows = [cells(row.stats, row.verdicts) for row in report.rows]
+    if report.rows_total > 1 or report.top is not None:
+        totals = {v: report.deep.count(v) for v in VERDICT_ORDER} if report.deep is not None else None
+        total_row = cells(report.total, totals)
+        total_row["folder"] = Text("total", style="" if plain else "bold")
+    else:
+        total_row = None
+
     table = Table(
         box=None if plain else box.SIMPLE_HEAD,
         show_footer=False,
         pad_edge=False,
         header_style="" if plain else "bold",
     )
-    table.add_column("folder", overflow="fold")
-    for title in ("images", "cached"):
-        table.add_column(title, justify="right", no_wrap=True)
-    table.add_column("coverage", justify="right" if plain else "left", no_wrap=True)
-    for title in ("missing", *deep_columns, "orphans", "temps", "cache size", "image size"):
-        table.add_column(title, justify="right", no_wrap=True)
-
-    def cells(stats, verdicts):  # -> list of renderables
-        row = [
-            Text(stats.name),
-            f"{stats.images:,}",
-            f"{stats.cached:,}",
-            _coverage_cell(stats.cached, stats.images, plain),
-            f"{stats.missing:,}",
-        ]
-        for verdict in deep_columns:
-            row.append(f"{(verdicts or {}).get(verdict, 0):,}")
-        row += [
-            f"{stats.orphans:,}",
-            f"{stats.temps:,}",
-            render.size(stats.sidecar_bytes),
-            render.size(stats.image_bytes),
-        ]
-        return row
-
-    for row in report.rows:
-        table.add_row(*cells(row.stats, row.verdicts))
-    if report.rows_total > 1 or report.top is not None:
-        totals = {v: report.deep.count(v) for v in deep_columns} if report.deep is not None else None
+    columns = [c for c in cells(report.total, {}) if c not in hide]
+    bar = not plain and "bar" not in hide
+    for column in columns:
+        title = column
+        if column == "coverage" and deep:
+            title = "valid coverage" if plain else "coverage\n(valid)"
+        elif not plain:  # a terminal is narrow: "model-mismatch", "cache size" over two lines
+            title = column.replace("-", "\n", 1).replace(" ", "\n", 1)
+        if column == "folder":
+            longest = max((len(row.name) for row in report.rows), default=0)
+            table.add_column(title, no_wrap=True, min_width=min(24, max(len("folder"), longest)))
+        elif column == "coverage":
+            table.add_column(title, justify="left" if bar else "right", no_wrap=True)
+        else:
+            table.add_column(title, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))  # type: ignore[misc]
+    if total_row is not None:
         table.add_section()
-        total_cells = cells(report.total, totals)
-        total_cells[0] = Text("total", style="" if plain else "bold")
-        table.add_row(*total_cells)
+        table.add_row(*(total_row[c] for c in columns))  # type: ignore[misc]
     return table
 
 
@@ -292,12 +352,13 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(f"Note: {foot.manifest_problem}")
     if total.temps:
         lines.append(
-            f"Temp debris: {total.temps:,} files, {render.size(total.temp_bytes)} "
+            f"Temp debris: {_count(total.temps, 'file')}, {render.size(total.temp_bytes)} "
             "(left by interrupted writes; `vggtctl prune --temp` removes them)."
         )
     if total.orphans:
         lines.append(
-            f"Orphans: {total.orphans:,} sidecars whose image is gone (`vggtctl prune --orphans` removes them)."
+            f"Orphans: {_count(total.orphans, 'sidecar')} whose image is gone "
+            "(`vggtctl prune --orphans` removes them)."
         )
     if report.deep is not None:
         verdicts = report.deep.verdicts
@@ -305,8 +366,14 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(f"Headers checked against: {report.deep.expectation}.")
         lines.append(f"Verdicts: {counts or 'no sidecars'}.")
     if report.symlinked_dirs:
-        lines.append(f"Not followed: {len(report.symlinked_dirs):,} symlinked folder(s).")
+        lines.append(f"Not followed: {_count(len(report.symlinked_dirs), 'symlinked folder')}.")
     if report.unreadable:
-        lines.append(f"Unreadable: {len(report.unreadable):,} folder(s) skipped (see the warnings above).")
+        lines.append(
+            f"Unreadable: {_count(len(report.unreadable), 'folder')} skipped (see the warnings above)."
+        )
     lines.append(f"Scanned {total.folders:,} folders in {report.scan_seconds:.1f} s.")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
