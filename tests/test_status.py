@@ -160,6 +160,8 @@ def test_deep_splits_cached_into_verdicts(app, make_tree, checkpoint: Path) -> N
         per_row.setdefault(row, Counter())[verdict.value] += 1
     rows = rows_by_name(doc)
     assert {name: Counter(row["verdicts"]) for name, row in rows.items()} == per_row
+    ep2 = rows["ep2"]
+    assert ep2["valid_coverage"] == pytest.approx(per_row["ep2"]["valid"] / ep2["images"], abs=1e-6)
     valid = sum(1 for v in truth.values() if v.value == "valid")
     images = len(tree.images) + 1  # + the history frame of the context-mismatch item
     assert doc["totals"]["images"] == images

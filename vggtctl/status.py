@@ -51,6 +51,7 @@ class StatusRow:
         doc = self.stats.to_dict()
         if self.verdicts is not None:
             doc["verdicts"] = dict(sorted(self.verdicts.items()))
+            doc["valid_coverage"] = round(_valid_share(self), 6)
         return doc
 
 
