@@ -173,8 +173,11 @@ def build_encoder(opts: PrecomputeOptions, context_kind: str, device: torch.devi
     preset = get_preset(opts.preset, patch_size=patch, merge_size=merge)
     dtype_name = opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = _dtype(dtype_name)
+    # On a GPU the weights are held in the feature dtype, as a bf16 trainer holds its frozen
+    # VGGT; on the CPU they stay float32 (the encoder computes in float32 there).
+    weights_dtype = dtype if device.type == "cuda" else torch.float32
     loaded = load_model(
-        opts.vggt_model, device=device, dtype=torch.float32, allow_download=opts.allow_download
+        opts.vggt_model, device=device, dtype=weights_dtype, allow_download=opts.allow_download
     )
     attention = opts.attention or ("causal" if context_kind == "sequence" else "full")
     encoder = Encoder(
@@ -744,8 +747,8 @@ def _encode_all(
         batch_sampler=sampler,
         num_workers=workers,
         collate_fn=_identity,
-        pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
+        pin_memory=False,  # samples are dataclasses; the staging buffer in _launch is pinned
+        prefetch_factor=(2 if key.context.kind == "sequence" else 4) if workers else None,
         persistent_workers=False,
     )
     writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)
