@@ -208,3 +208,22 @@ def test_collector_state_is_restored(tree: Path) -> None:
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+def test_no_fork_while_other_threads_run(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    root = tmp_path / "data"
+    wide = scantree.build_wide(root)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        forked = []
+        monkeypatch.setattr(os, "fork", lambda: forked.append(1) or pytest.fail("forked with threads"))
+        summary = scan.summarize(root, processes=2)
+    finally:
+        stop.set()
+        other.join()
+    assert not forked
+    assert (summary.total.images, summary.total.cached) == (wide["images"], wide["cached"])

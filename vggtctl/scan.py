@@ -328,12 +328,13 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """fork is cheap and needs no re-import, but is unsafe once other threads exist."""
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+def _fork_context() -> multiprocessing.context.BaseContext | None:
+    """fork is cheap and needs no re-import of the caller's program, but is unsafe once other
+    threads exist; then (and where there is no fork) the walk stays in this process. Spawned
+    workers would re-import the caller's main module, a surprise for a library call."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
         return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+    return None
 
 
 # The parent lists folders breadth-first until it has this many subtrees per process to hand
@@ -365,10 +366,15 @@ def _summarize_parallel(
     # Small tasks balance uneven subtrees; a few dozen per process keep IPC negligible.
     per_task = max(1, len(subtrees) // (procs * 16))
     jobs = [(root, subtrees[i : i + per_task], depth, threads) for i in range(0, len(subtrees), per_task)]
+    context = _fork_context()
     try:
-        pool = _pool_context().Pool(procs, initializer=_init_worker)
-    except OSError:  # no processes allowed here: fold the rest in this process
+        pool = context.Pool(procs, initializer=_init_worker) if context is not None else None
+    except OSError:  # no processes allowed here
+        pool = None
+    if pool is None:  # fold the rest in this process
         partial.merge(_fold_subtrees((root, subtrees, depth, workers)))
+        if progress is not None:
+            progress(partial.folders, partial.files)
         return partial
     with pool:
         for result in pool.imap_unordered(_fold_subtrees, jobs):
