@@ -161,7 +161,9 @@ def test_every_file_is_stated_exactly_once(tree: Path, tmp_path: Path, monkeypat
     monkeypatch.undo()
 
     with open(log) as fh:
-        statted = [line.rstrip("\n") for line in fh]
+        # Only the tree counts: libraries' fork hooks (filelock, via huggingface_hub) stat
+        # /proc/self/ns/pid in forked workers, which is not the scan's doing.
+        statted = [line.rstrip("\n") for line in fh if line.startswith(str(tree))]
     assert len(statted) == len(set(statted)), "a file was stat'ed twice"
     expected = {str(tree / rel) for rel in scantree.STATTED}
     expected |= {str(p) for p in (tree / "wide").rglob("*") if p.is_file()}

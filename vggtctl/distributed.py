@@ -90,7 +90,10 @@ def pick_device(requested: str | None, info: DistInfo, devices: list[str] | None
     if devices:
         return torch.device(devices[info.local_rank % len(devices)])
     if requested and requested != "auto":
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None:  # "cuda" means this rank's GPU
+            device = torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")

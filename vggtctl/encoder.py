@@ -83,7 +83,14 @@ class Encoder:
     def _running(self) -> contextlib.AbstractContextManager[Any]:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+        weights = self.model.patch_embed.patch_embed.proj.weight.dtype
+        if (
+            self.device.type == "cuda"
+            and self.dtype in (torch.bfloat16, torch.float16)
+            and weights != self.dtype
+        ):
+            # float32 weights: autocast. Weights already in the feature dtype run natively, as a
+            # bf16 trainer runs its frozen VGGT (autocast would push norms back to float32).
             stack.enter_context(torch.autocast("cuda", dtype=self.dtype))
         return stack
 

@@ -77,6 +77,7 @@ class PrecomputeOptions:
     dry_run: bool = False
     allow_download: bool = False
     fsync: bool = False
+    compile: bool = False  # torch.compile the blocks (GPU); partial batches are padded to size
     writer_threads: int = 8
     check_workers: int = 16
     chunk_items: int = CHUNK_ITEMS  # items per claim; every process on one root must agree
@@ -190,6 +191,8 @@ def build_encoder(opts: PrecomputeOptions, context_kind: str, device: torch.devi
         evict_start=opts.evict_start,
         evict_recent=opts.evict_recent,
     )
+    if opts.compile and device.type == "cuda":
+        loaded.model.compile_blocks()
     return encoder, preset
 
 
@@ -755,6 +758,8 @@ def _encode_all(
     pipeline = _GpuPipeline(
         encoder, key.context.kind == "sequence", device, writer, items, progress, tracker.done
     )
+    if opts.compile and cuda:
+        pipeline.pad_to = batch_size  # one compiled shape: no recompiles for the last, short batch
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()
     batches = iter(loader)
@@ -815,6 +820,7 @@ class _GpuPipeline:
         self.item_done = item_done
         self.pending: tuple[Any, torch.Tensor, list[Prepared]] | None = None
         self.halved = 0  # batches split after running out of memory
+        self.pad_to: int | None = None
 
     def submit(self, batch: list[Prepared]) -> None:
         try:
@@ -844,10 +850,13 @@ class _GpuPipeline:
     def _launch(self, batch: list[Prepared]) -> tuple[Any, torch.Tensor, list[Prepared]]:
         cuda = self.device.type == "cuda"
         first = batch[0].pixels
-        staging = torch.empty((len(batch), *first.shape), dtype=first.dtype, pin_memory=cuda)
-        torch.stack([s.pixels for s in batch], out=staging)
+        rows = max(len(batch), self.pad_to or 0)
+        staging = torch.empty((rows, *first.shape), dtype=first.dtype, pin_memory=cuda)
+        staging[len(batch) :].zero_()
+        torch.stack([s.pixels for s in batch], out=staging[: len(batch)])
         pixels = staging.to(self.device, non_blocking=True)
         feats = self.encoder.encode_sequences(pixels) if self.sequence else self.encoder.encode_frames(pixels)
+        feats = feats[: len(batch)]
         if not cuda:
             return None, feats, batch
         host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)

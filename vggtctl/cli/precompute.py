@@ -202,6 +202,9 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
         allow_download: bool = typer.Option(False, "--allow-download", help="Let a Hub id download weights."),
         fsync: bool = typer.Option(False, "--fsync", help="fsync every sidecar before its rename."),
+        compile_model: bool = typer.Option(
+            False, "--compile", help="torch.compile the model blocks on GPU (~1 min warm-up, ~1.5x faster)."
+        ),
         chunk_items: int | None = typer.Option(
             None,
             "--chunk-items",
@@ -261,6 +264,7 @@ def register(app: typer.Typer) -> None:
                 dry_run=dry_run,
                 allow_download=allow_download,
                 fsync=fsync,
+                compile=compile_model,
                 chunk_items=int(pick("chunk_items", chunk_items, config, "precompute", CHUNK_ITEMS)),
             )
         except (ValueError, VggtctlError) as err:
