@@ -17,9 +17,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 RELAUNCHED_ENV = "VGGTCTL_RELAUNCHED"
 RESULT_DIR_ENV = "VGGTCTL_RESULT_DIR"  # where relaunched ranks leave their exit codes
@@ -87,6 +89,8 @@ def default_loader_workers(info: DistInfo) -> int:
 
 def pick_device(requested: str | None, info: DistInfo, devices: list[str] | None = None) -> torch.device:
     """`--devices cuda:0,cuda:3` maps local ranks onto devices; default: cuda:LOCAL_RANK or CPU."""
+    import torch  # here, not at module level: the CLI imports this module and must start fast
+
     if devices:
         return torch.device(devices[info.local_rank % len(devices)])
     if requested and requested != "auto":

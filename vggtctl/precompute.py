@@ -44,6 +44,7 @@ from vggtctl.errors import ConfigError, ImageError
 from vggtctl.failures import Failure, FailureLog
 from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
 from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
+from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
 from vggtctl.writer import DiskFullSkipped, SidecarWriter
 
@@ -134,21 +135,6 @@ class PrecomputeInterrupted(KeyboardInterrupt):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__("interrupted")
         self.outcome = outcome
-
-
-class Reporter:
-    """Progress hooks; the CLI renders them with Rich, the library default is silent."""
-
-    def start(self, total: int, plan: Plan) -> None: ...
-
-    def set_total(self, total: int) -> None: ...
-
-    def update(self, encoded: int, failed: int, nbytes: int) -> None:
-        """Absolute counts so far (summed over ranks on rank 0)."""
-
-    def message(self, text: str) -> None: ...
-
-    def finish(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- setup

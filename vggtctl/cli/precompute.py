@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.progress import (
@@ -26,16 +26,11 @@ from vggtctl.cli import render
 from vggtctl.distributed import RELAUNCHED_ENV, DistInfo, dist_info, relaunch, report_exit_code
 from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, ConfigError, VggtctlError
 from vggtctl.failures import failures_path
-from vggtctl.precompute import (
-    CHUNK_ITEMS,
-    Outcome,
-    Plan,
-    PrecomputeInterrupted,
-    PrecomputeOptions,
-    Reporter,
-    run,
-)
+from vggtctl.reporter import Reporter
 from vggtctl.settings import find_config, pick
+
+if TYPE_CHECKING:  # the pipeline imports torch: only when the command runs
+    from vggtctl.precompute import Outcome, Plan
 
 
 class RichReporter(Reporter):
@@ -223,6 +218,8 @@ def register(app: typer.Typer) -> None:
 
           torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
         """
+        from vggtctl.precompute import CHUNK_ITEMS, PrecomputeInterrupted, PrecomputeOptions, run
+
         config = find_config(root)
         gpus_value = pick("gpus", gpus, config, "precompute")
         if (
