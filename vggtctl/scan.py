@@ -24,7 +24,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from typing import Protocol, TypeVar
 
+from vggtctl.distributed import usable_cpus
 from vggtctl.names import SUFFIX, TEMP_MARK, is_temp_name
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -39,7 +41,7 @@ def is_image_name(name: str) -> bool:
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def default_workers() -> int:
@@ -133,17 +135,28 @@ def list_dir(path: str) -> DirListing:
     return listing
 
 
-def _walk_many(roots: Iterable[str], workers: int) -> Iterator[DirListing]:
-    """DirListings of every folder under each of `roots` (roots included), any order."""
-    results: queue.Queue[DirListing | BaseException] = queue.Queue()
+class _Listing(Protocol):
+    subdirs: list[str]
+
+
+ListingT = TypeVar("ListingT", bound=_Listing)
+
+
+def threaded_walk(
+    roots: Iterable[str], lister: Callable[[str], ListingT], workers: int, name: str = "scan"
+) -> Iterator[ListingT]:
+    """`lister(folder)` for every folder under each of `roots` (roots included), on a thread
+    pool, yielded as they finish; each listing's `subdirs` are queued as soon as it arrives.
+    Shared by the scan (stats) and the catalog (names only)."""
+    results: queue.Queue[ListingT | BaseException] = queue.Queue()
 
     def task(path: str) -> None:
         try:
-            results.put(list_dir(path))
+            results.put(lister(path))
         except BaseException as err:  # surface bugs instead of hanging the walk
             results.put(err)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="scan") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
         outstanding = 0
         for path in roots:
             pool.submit(task, path)
@@ -170,7 +183,7 @@ def _walk_serial(roots: Iterable[str]) -> Iterator[DirListing]:
 
 def walk(root: str | os.PathLike[str], workers: int | None = None) -> Iterator[DirListing]:
     """Yield a DirListing per folder under `root` (root included), in no particular order."""
-    return _walk_many([os.fspath(root)], workers or default_workers())
+    return threaded_walk([os.fspath(root)], list_dir, workers or default_workers())
 
 
 # --------------------------------------------------------------------------- summaries
@@ -301,7 +314,7 @@ def _fold_subtrees(job: tuple[str, list[str], int, int]) -> _Partial:
     """Worker-process task: walk whole subtrees and return only their per-row sums."""
     root, paths, depth, threads = job
     partial = _Partial()
-    listings = _walk_serial(paths) if threads <= 1 else _walk_many(paths, threads)
+    listings = _walk_serial(paths) if threads <= 1 else threaded_walk(paths, list_dir, threads)
     for listing in listings:
         partial.fold(listing, group_of(root, listing.path, depth))
     return partial
@@ -393,7 +406,7 @@ def _fold_here(
 ) -> _Partial:
     """The walk in this process: threads (or none), every listing passed to `on_listing`."""
     partial = _Partial()
-    listings = _walk_serial([root]) if workers <= 1 else _walk_many([root], workers)
+    listings = _walk_serial([root]) if workers <= 1 else threaded_walk([root], list_dir, workers)
     for listing in listings:
         partial.fold(listing, group_of(root, listing.path, depth))
         if on_listing is not None:

@@ -8,13 +8,11 @@ folders exactly as `scan.list_dir` does).
 from __future__ import annotations
 
 import os
-import queue
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vggtctl.names import is_sidecar_name, is_temp_name
-from vggtctl.scan import PRIVATE_DIR, default_workers, is_image_name
+from vggtctl.scan import PRIVATE_DIR, default_workers, is_image_name, threaded_walk
 
 
 @dataclass
@@ -55,23 +53,4 @@ def list_names(path: str) -> NameListing:
 
 def walk_names(root: str, workers: int | None = None) -> Iterator[NameListing]:
     """Yield a NameListing per folder under `root` (root included), in no particular order."""
-    results: queue.Queue[NameListing | BaseException] = queue.Queue()
-
-    def task(path: str) -> None:
-        try:
-            results.put(list_names(path))
-        except BaseException as err:  # surface bugs instead of hanging the walk
-            results.put(err)
-
-    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="catalog") as pool:
-        pool.submit(task, root)
-        outstanding = 1
-        while outstanding:
-            item = results.get()
-            outstanding -= 1
-            if isinstance(item, BaseException):
-                raise item
-            for sub in item.subdirs:
-                outstanding += 1
-                pool.submit(task, sub)
-            yield item
+    return threaded_walk([root], list_names, workers or default_workers(), name="catalog")

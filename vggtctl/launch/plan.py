@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vggtctl.distributed import usable_cpus
 from vggtctl.errors import ConfigError
 from vggtctl.keys import FeatureKey
 from vggtctl.launch import netif
@@ -124,14 +125,6 @@ class TrainPlan:
 
     def commands(self, python: str | None = None) -> list[NodeCommand]:
         return [self.command(rank, python) for rank in range(self.topology.nnodes)]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (what `nproc` prints in the emitted scripts)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def count_cuda_devices() -> int:
