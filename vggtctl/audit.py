@@ -345,7 +345,7 @@ def describe(expect: Expectation | None) -> str:
     parts = []
     if expect.model is not None:
         m = expect.model
-        parts.append(f"model {m.name} {m.fingerprint[:12]} layer {m.layer} {m.attention} {m.dtype}")
+        parts.append(f"model {m.label} {m.fingerprint[:12]} layer {m.layer} {m.attention} {m.dtype}")
     else:
         parts.append(f"model {str(expect.model_fingerprint)[:12]}")
     if expect.preprocess_fingerprint:

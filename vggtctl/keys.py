@@ -139,6 +139,10 @@ def _write_memo(memo_file: Path, memo: dict[str, str]) -> None:
         pass
 
 
+def is_random_model_name(name: str) -> bool:
+    return name == "tiny-random" or name.startswith("random:")
+
+
 @dataclass(frozen=True)
 class ModelKey:
     """The model half of a feature key; `meta["model"]` of a sidecar holds exactly these fields."""
@@ -151,6 +155,16 @@ class ModelKey:
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def is_random(self) -> bool:
+        """Seeded random weights (`tiny-random`, `random:<preset>`): for demos, tests, benchmarks."""
+        return is_random_model_name(self.name)
+
+    @property
+    def label(self) -> str:
+        """The model's name, marked when its features are meaningless."""
+        return f"{self.name} (random weights: features are meaningless)" if self.is_random else self.name
 
     def mismatch(self, recorded: dict[str, Any]) -> str | None:
         """Why a recorded `meta["model"]` differs from this key, or None when it matches."""

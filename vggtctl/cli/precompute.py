@@ -85,10 +85,12 @@ class RichReporter(Reporter):
             self.progress.stop()
 
 
-def _plan_table(plan: Plan) -> Table:
+def _plan_table(outcome: Outcome) -> Table:
+    plan = outcome.plan
     table = Table(title="precompute plan", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("model", _model_label(outcome))
     table.add_row("layout", f"{plan.layout} ({plan.layout_reason})")
     table.add_row("context", plan.context)
     table.add_row("items", f"{plan.items:,}")
@@ -114,10 +116,18 @@ def _plan_table(plan: Plan) -> Table:
     return table
 
 
+def _model_label(outcome: Outcome) -> str:
+    from vggtctl.keys import FeatureKey
+
+    model = FeatureKey.from_meta(outcome.feature_key).model
+    return f"{model.label}, layer {model.layer}, {model.attention}, {model.dtype}"
+
+
 def _summary_table(outcome: Outcome, root: Path) -> Table:
     table = Table(title="precompute summary", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("model", _model_label(outcome))
     table.add_row("encoded", f"{outcome.encoded:,}")
     table.add_row("already valid", f"{outcome.plan.already_valid:,}")
     table.add_row("failed", f"{outcome.failed:,}")
@@ -302,7 +312,7 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
     if as_json:
         render.print_json(outcome.to_dict())
     elif dry_run:
-        render.out.print(_plan_table(outcome.plan))
+        render.out.print(_plan_table(outcome))
     else:
         render.out.print(_summary_table(outcome, root))
     if outcome.disk_full:
