@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         except VggtctlError as err:
             render.fail(err)
         render.out.print(
-            f"next: vggtctl verify {directory} --recompute 3   ·   vggtctl prune {directory} --dry-run --all-invalid"
+            f"next: vggtctl verify {directory} --recompute 3   ·   vggtctl prune {directory} --dry-run --all-invalid",
+            soft_wrap=True,
         )
         if outcome.failed:
             raise typer.Exit(3)
