@@ -1,0 +1,147 @@
+"""Decode workers: items -> preprocessed pixels + sidecar meta, claimed chunk by chunk."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vggtctl import sidecar
+from vggtctl.catalog import Item, item_frames_for_key
+from vggtctl.claims import ClaimBook
+from vggtctl.errors import ImageError
+from vggtctl.failures import Failure
+from vggtctl.keys import FeatureKey
+
+# --------------------------------------------------------------------------- decode workers
+
+
+@dataclass
+class Prepared:
+    index: int
+    pixels: torch.Tensor  # [S,3,H,W] (sequence) or [3,H,W] (single frame)
+    meta: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    index: int
+    failure: Failure
+
+
+class ItemDataset(Dataset):
+    """Decodes and preprocesses one item in a DataLoader worker; a bad image becomes `Failed`.
+
+    Consecutive items of an episode share frames, so each worker keeps a small LRU of
+    preprocessed frames.
+    """
+
+    def __init__(self, items: Sequence[Item], preset: Any, key: FeatureKey, frame_cache: int = 32) -> None:
+        self.items = items
+        self.preset = preset
+        self.key = key
+        self.frame_cache = frame_cache
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, path: str) -> Any:
+        hit = self._cache.get(path)
+        if hit is not None:
+            self._cache.move_to_end(path)
+            return hit
+        value = self.preset.load(path)
+        self._cache[path] = value
+        if len(self._cache) > self.frame_cache:
+            self._cache.popitem(last=False)
+        return value
+
+    def __getitem__(self, index: int) -> Prepared | Failed:
+        item = self.items[index]
+        sequence = self.key.context.kind == "sequence"
+        try:
+            frames = item_frames_for_key(item)
+        except OSError as err:
+            path = str(getattr(err, "filename", None) or item.image)
+            reason = f"cannot stat: {err.strerror or err}"
+            return Failed(index, Failure(item.image, "decode", _naming_frame(item, path, reason)))
+        try:
+            loaded = [self._load(p) for p in item.frames] if sequence else [self._load(item.image)]
+        except ImageError as err:
+            return Failed(index, Failure(item.image, "decode", _naming_frame(item, err.path, err.reason)))
+        except Exception as err:
+            return Failed(index, Failure(item.image, "decode", f"{type(err).__name__}: {err}"))
+        current = loaded[-1]
+        if sequence and any(p.tensor.shape != current.tensor.shape for p in loaded):
+            reason = "context frames preprocess to different sizes; cannot stream them together"
+            return Failed(index, Failure(item.image, "decode", reason))
+        pixels = torch.stack([p.tensor for p in loaded]) if sequence else current.tensor
+        _image_name, image_key = frames[-1]
+        meta = sidecar.build_meta(
+            image_name=os.path.basename(item.image),
+            image_key=image_key,
+            model=self.key.model,
+            preprocess={
+                "fingerprint": self.key.preprocess_fingerprint,
+                "preset": self.key.preset,
+                "input_hw": list(current.input_hw),
+                "grid_hw": list(current.grid_hw),
+            },
+            context=self.key.context,
+            frames=[name for name, _ in frames] if sequence else [],
+            signature=self.key.signature_for(frames) if sequence else None,
+        )
+        return Prepared(index, pixels, meta)
+
+
+def _naming_frame(item: Item, path: str, reason: str) -> str:
+    """The failure is the item's; when a history frame caused it, the reason names that frame."""
+    if os.path.normpath(path) == item.image:
+        return reason
+    return f"context frame {os.path.relpath(path, os.path.dirname(item.image))}: {reason}"
+
+
+def _identity(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+class ClaimingSampler:
+    """Yields small lists of item indices, claiming each chunk just before its first index is
+    handed to a worker (the DataLoader consumes samplers in the main process)."""
+
+    def __init__(
+        self,
+        chunks: list[tuple[str, list[int]]],
+        claims: ClaimBook | None,
+        load_batch: int,
+        recheck: Callable[[list[int]], list[int]],
+        on_chunk: Callable[[str, list[int]], None],
+        stop: threading.Event,
+    ) -> None:
+        self.chunks = chunks
+        self.claims = claims
+        self.load_batch = load_batch
+        self.recheck = recheck
+        self.on_chunk = on_chunk
+        self.stop = stop
+        self.skipped_claimed = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk, indices in self.chunks:
+            if self.stop.is_set():
+                return
+            if self.claims is not None:
+                if not self.claims.try_claim(chunk):
+                    self.skipped_claimed += len(indices)
+                    continue
+                indices = self.recheck(indices)  # another process may have finished some
+            self.on_chunk(chunk, indices)
+            for start in range(0, len(indices), self.load_batch):
+                yield indices[start : start + self.load_batch]

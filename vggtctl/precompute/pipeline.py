@@ -1,0 +1,419 @@
+"""`run`: plan, then decode -> encode -> write across ranks, then record the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from vggtctl import sidecar
+from vggtctl.catalog import Catalog, Item, load_catalog
+from vggtctl.claims import HEARTBEAT_S, ClaimBook, claims_dir
+from vggtctl.data import FeatureStore
+from vggtctl.distributed import (
+    DistInfo,
+    broadcast_object,
+    close_group,
+    default_loader_workers,
+    dist_info,
+    gather_objects,
+    init_group,
+    pick_device,
+)
+from vggtctl.errors import ConfigError
+from vggtctl.failures import Failure, FailureLog
+from vggtctl.keys import FeatureKey
+from vggtctl.precompute.gpu import GpuPipeline
+from vggtctl.precompute.loading import (
+    ClaimingSampler,
+    Failed,
+    ItemDataset,
+    Prepared,
+    _identity,
+)
+from vggtctl.precompute.options import (
+    SHOWN_PROBLEMS,
+    Outcome,
+    Plan,
+    PrecomputeInterrupted,
+    PrecomputeOptions,
+)
+from vggtctl.precompute.planning import (
+    build_encoder,
+    context_settings,
+    estimate_sidecar_bytes,
+    needs_encoding,
+    plan_run,
+)
+from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
+from vggtctl.reporter import Reporter
+from vggtctl.sidecar import Verdict
+from vggtctl.writer import DiskFullSkipped, SidecarWriter
+
+# --------------------------------------------------------------------------- the run
+
+
+class RunCounters:
+    """Counters shared by the writer threads and the main loop."""
+
+    def __init__(self, reporter: Reporter, failures: FailureLog, keep_paths: bool = False) -> None:
+        self.reporter = reporter
+        self.failures = failures
+        self.lock = threading.Lock()
+        self.encoded = 0
+        self.bytes = 0
+        self.not_written = 0
+        self.keep_paths = keep_paths  # only --verify needs them; 10^7 paths are a gigabyte
+        self.written_paths: list[str] = []
+
+    def fail(self, failure: Failure) -> None:
+        self.failures.add(failure)
+        self._report()
+
+    def wrote(self, path: str, nbytes: int) -> None:
+        with self.lock:
+            self.encoded += 1
+            self.bytes += nbytes
+            if self.keep_paths:
+                self.written_paths.append(path)
+        self._report()
+
+    def skipped(self) -> None:
+        with self.lock:
+            self.not_written += 1
+
+    def _report(self) -> None:
+        with self.lock:
+            self.reporter.update(self.encoded, self.failures.count, self.bytes)
+
+
+class _ChunkTracker:
+    """Releases a chunk's claim when its last item is written or has failed."""
+
+    def __init__(self, claims: ClaimBook) -> None:
+        self.claims = claims
+        self.lock = threading.Lock()
+        self.left: dict[str, int] = {}
+        self.chunk_of: dict[int, str] = {}
+
+    def started(self, chunk: str, indices: list[int]) -> None:
+        with self.lock:
+            self.left[chunk] = len(indices)
+            for i in indices:
+                self.chunk_of[i] = chunk
+        if not indices:
+            self.claims.release(chunk)
+
+    def done(self, index: int) -> None:
+        with self.lock:
+            chunk = self.chunk_of.pop(index, None)
+            if chunk is None:
+                return
+            self.left[chunk] -= 1
+            finished = self.left[chunk] == 0
+        if finished:
+            self.claims.release(chunk)
+
+
+def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
+    """Run (or plan, with dry_run) a precompute over `opts.root` on this rank.
+
+    Returns the outcome (on rank 0 summed over ranks). Ctrl-C raises `PrecomputeInterrupted`
+    (a KeyboardInterrupt) once the in-flight writes are done; it carries the outcome so far.
+    """
+    reporter = reporter or Reporter()
+    info = dist_info()
+    root = Path(opts.root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data root is not a folder")
+    if opts.chunk_items < 1:
+        raise ConfigError(f"chunk size must be at least 1 item, not {opts.chunk_items}")
+    catalog = load_catalog(
+        root,
+        opts.layout,
+        annotations=opts.annotations,
+        data_path=opts.data_path,
+        max_history=opts.max_history,
+        context=opts.context,
+    )
+    device = pick_device(opts.device, info, opts.devices)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    encoder, preset = build_encoder(opts, catalog.context_kind, device)
+    key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
+    samples = [item.image for item in catalog.items[:3]]
+    plan, items, mine, todo, store = plan_run(
+        opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, samples)
+    )
+    outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
+    grouped = init_group(info)
+    try:
+        if opts.dry_run:
+            if grouped:
+                _merge_plans(outcome, info)
+            return outcome
+        _execute(
+            opts, catalog, items, mine, todo, store, encoder, preset, key, device, info, outcome, reporter
+        )
+        return outcome
+    finally:
+        if grouped:
+            close_group()
+
+
+def _execute(
+    opts: PrecomputeOptions,
+    catalog: Catalog,
+    items: list[Item],
+    mine: list[tuple[str, list[int]]],
+    todo: list[int],
+    store: FeatureStore,
+    encoder: Any,
+    preset: Any,
+    key: FeatureKey,
+    device: torch.device,
+    info: DistInfo,
+    outcome: Outcome,
+    reporter: Reporter,
+) -> None:
+    root = Path(opts.root)
+    run_id = broadcast_object(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], info)
+    outcome.run_id = run_id
+    try:
+        claims = ClaimBook(root)
+    except OSError as err:
+        raise ConfigError(
+            f"{claims_dir(root)}: cannot create it ({err.strerror or err}); precompute keeps its "
+            "claims and failure log under the data root, which must be writable"
+        ) from err
+    failures = FailureLog(root, run_id, info.rank)
+    rank_reporter: Any = reporter
+    if info.is_distributed:
+        rank_reporter = RankAggregator(reporter, run_dir(root, run_id), info.rank, info.world_size)
+    progress = RunCounters(rank_reporter, failures, keep_paths=opts.verify)
+    todo_set = set(todo)
+    my_chunks = [(cid, [i for i in idx if i in todo_set]) for cid, idx in mine]
+    my_chunks = [(cid, idx) for cid, idx in my_chunks if idx]
+
+    start = time.perf_counter()
+    try:
+        rank_reporter.start(len(todo), outcome.plan)
+        if info.is_main:
+            for problem in catalog.problems[:SHOWN_PROBLEMS]:
+                rank_reporter.message(f"{problem}")
+            if len(catalog.problems) > SHOWN_PROBLEMS:
+                rank_reporter.message(
+                    f"... and {len(catalog.problems) - SHOWN_PROBLEMS} more catalog problems"
+                )
+        _encode_all(opts, items, my_chunks, store, encoder, key, preset, device, claims, progress, outcome)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        claims.release_all()
+        outcome.seconds = time.perf_counter() - start
+        outcome.encoded = progress.encoded
+        outcome.bytes_written = progress.bytes
+        outcome.not_written = progress.not_written
+        outcome.failed = failures.count
+        outcome.per_rank = [progress.encoded]
+        rank_reporter.finish()  # with several ranks: publishes this rank's final counts
+
+    if outcome.interrupted:
+        if info.is_main:
+            if info.is_distributed:
+                reporter.finish()
+            _record_manifest(opts, outcome, key)
+        raise PrecomputeInterrupted(outcome)
+    if opts.verify and progress.written_paths:
+        outcome.verify_problems = sum(
+            sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
+        )
+    if info.is_distributed:
+        _merge_ranks(outcome, info)
+    if info.is_main:
+        if info.is_distributed:
+            reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
+            reporter.finish()
+            remove_run_dir(root, run_id)  # every rank has published its last counts
+        _record_manifest(opts, outcome, key)
+
+
+def _plan_counts(plan: Plan) -> tuple[int, int, int, int]:
+    return plan.already_valid, plan.to_encode, plan.shard_items, plan.projected_bytes
+
+
+def _merge_plans(outcome: Outcome, info: DistInfo) -> None:
+    """Rank 0's plan becomes the whole run's: shard counts summed over ranks."""
+    parts = gather_objects(_plan_counts(outcome.plan), info)
+    plan = outcome.plan
+    rate = plan.to_encode / plan.projected_seconds if plan.projected_seconds else None
+    plan.already_valid, plan.to_encode, plan.shard_items, plan.projected_bytes = (
+        sum(p[n] for p in parts) for n in range(4)
+    )
+    plan.projected_seconds = plan.to_encode / rate if rate else None
+
+
+def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
+    _merge_plans(outcome, info)
+    parts = gather_objects(
+        (
+            outcome.encoded,
+            outcome.failed,
+            outcome.bytes_written,
+            outcome.skipped_claimed,
+            outcome.verify_problems,
+            outcome.not_written,
+            outcome.disk_full,
+        ),
+        info,
+    )
+    outcome.encoded = sum(p[0] for p in parts)
+    outcome.failed = sum(p[1] for p in parts)
+    outcome.bytes_written = sum(p[2] for p in parts)
+    outcome.skipped_claimed = sum(p[3] for p in parts)
+    outcome.verify_problems = sum(p[4] for p in parts)
+    outcome.not_written = sum(p[5] for p in parts)
+    outcome.disk_full = next((p[6] for p in parts if p[6]), "")
+    outcome.per_rank = [p[0] for p in parts]
+
+
+def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey) -> None:
+    try:
+        from vggtctl import manifest
+    except ImportError:
+        return
+    settings = {
+        "vggt_model": opts.vggt_model,
+        "qwen_model": opts.qwen_model,
+        "preset": opts.preset,
+        "layer": opts.layer,
+        "attention": key.model.attention,
+        "layout": outcome.plan.layout,
+        "annotations": list(opts.annotations),
+        "data_path": opts.data_path,
+        "max_history": opts.max_history,
+        "context": outcome.plan.context,
+        "dtype": key.model.dtype,
+    }
+    entry = {
+        "kind": "precompute",
+        "run": outcome.run_id,
+        "settings": settings,
+        "encoded": outcome.encoded,
+        "failed": outcome.failed,
+        "already_valid": outcome.plan.already_valid,
+        "bytes": outcome.bytes_written,
+        "seconds": round(outcome.seconds, 3),
+        "rate": outcome.rate if outcome.encoded else None,
+        "ranks": outcome.ranks,
+        "per_rank": list(outcome.per_rank),
+        "interrupted": outcome.interrupted,
+        "disk_full": outcome.disk_full or None,
+    }
+    with contextlib.suppress(OSError):
+        manifest.record_run(opts.root, entry, key)
+
+
+def _encode_all(
+    opts: PrecomputeOptions,
+    items: list[Item],
+    chunks: list[tuple[str, list[int]]],
+    store: FeatureStore,
+    encoder: Any,
+    key: FeatureKey,
+    preset: Any,
+    device: torch.device,
+    claims: ClaimBook,
+    progress: RunCounters,
+    outcome: Outcome,
+) -> None:
+    """Claim, decode, encode and write this rank's chunks. KeyboardInterrupt propagates after
+    the in-flight writes have finished (the claims are released by the caller)."""
+    if not chunks:
+        return
+    cuda = device.type == "cuda"
+    batch_size = opts.batch_size or (32 if cuda else 4)
+    if key.context.kind == "sequence" and opts.batch_size is None:
+        batch_size = max(1, batch_size // 2)
+    workers = opts.workers if opts.workers is not None else default_loader_workers(dist_info())
+    stop = threading.Event()
+    tracker = _ChunkTracker(claims)
+
+    def recheck(indices: list[int]) -> list[int]:
+        if opts.force:
+            return indices
+        return [i for i in indices if needs_encoding(store, items[i])]
+
+    def on_written(token: Any, nbytes: int | None, error: BaseException | None) -> None:
+        index, path = token
+        if error is None and nbytes is not None:
+            progress.wrote(path, nbytes)
+        elif isinstance(error, DiskFullSkipped):
+            progress.skipped()  # not this item's fault: the run stops and says why
+        else:
+            reason = getattr(error, "strerror", None) or str(error)
+            progress.fail(
+                Failure(items[index].image, "write", f"cannot write {os.path.basename(path)}: {reason}")
+            )
+        tracker.done(index)
+
+    sampler = ClaimingSampler(chunks, claims, max(1, min(8, batch_size)), recheck, tracker.started, stop)
+    loader = DataLoader(
+        ItemDataset(items, preset, key),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=False,  # samples are dataclasses; the staging buffer in _launch is pinned
+        prefetch_factor=(2 if key.context.kind == "sequence" else 4) if workers else None,
+        persistent_workers=False,
+    )
+    writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)
+    pipeline = GpuPipeline(
+        encoder, key.context.kind == "sequence", device, writer, items, progress, tracker.done
+    )
+    if opts.compile and cuda:
+        pipeline.pad_to = batch_size  # one compiled shape: no recompiles for the last, short batch
+    buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
+    heartbeat = time.monotonic()
+    batches = iter(loader)
+    try:
+        for loaded in batches:
+            for sample in loaded:
+                if isinstance(sample, Failed):
+                    progress.fail(sample.failure)
+                    tracker.done(sample.index)
+                    continue
+                bucket = buckets[tuple(sample.pixels.shape)]
+                bucket.append(sample)
+                if len(bucket) >= batch_size:
+                    pipeline.submit(bucket[:batch_size])
+                    del bucket[:batch_size]
+            if writer.disk_full.is_set():
+                stop.set()
+                break
+            if time.monotonic() - heartbeat > HEARTBEAT_S:
+                claims.heartbeat()
+                heartbeat = time.monotonic()
+        if not stop.is_set():
+            for bucket in buckets.values():
+                for start in range(0, len(bucket), batch_size):
+                    pipeline.submit(bucket[start : start + batch_size])
+            pipeline.flush()
+    except KeyboardInterrupt:
+        stop.set()
+        pipeline.flush()  # the batch already computed is written; a second Ctrl-C skips it
+        raise
+    finally:
+        del batches  # stops the decode workers now, not when a traceback lets go of this frame
+        writer.close()
+        outcome.skipped_claimed = sampler.skipped_claimed
+        if writer.disk_full.is_set():
+            outcome.disk_full = writer.disk_full_message

@@ -1,0 +1,177 @@
+"""What a run will do: the encoder for the options, one item per sidecar, fixed chunks sharded
+by rank, and the header check that skips items already valid for the feature key."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from vggtctl.catalog import Catalog, Item
+from vggtctl.claims import chunk_id
+from vggtctl.data import FeatureStore
+from vggtctl.distributed import (
+    DistInfo,
+)
+from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
+from vggtctl.precompute.options import (
+    CHUNK_ITEMS,
+    Plan,
+    PrecomputeOptions,
+    _dtype,
+)
+from vggtctl.sidecar import Verdict
+
+
+def build_encoder(opts: PrecomputeOptions, context_kind: str, device: torch.device) -> Any:
+    """Model + preset + encoder for these options (shared with `verify --recompute`)."""
+    from vggtctl.encoder import Encoder
+    from vggtctl.model import load_model
+    from vggtctl.preprocess import get_preset, qwen_patch_merge
+
+    patch, merge = qwen_patch_merge(opts.qwen_model) if opts.qwen_model else (14, 2)
+    preset = get_preset(opts.preset, patch_size=patch, merge_size=merge)
+    dtype_name = opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = _dtype(dtype_name)
+    # On a GPU the weights are held in the feature dtype, as a bf16 trainer holds its frozen
+    # VGGT; on the CPU they stay float32 (the encoder computes in float32 there).
+    weights_dtype = dtype if device.type == "cuda" else torch.float32
+    loaded = load_model(
+        opts.vggt_model, device=device, dtype=weights_dtype, allow_download=opts.allow_download
+    )
+    attention = opts.attention or ("causal" if context_kind == "sequence" else "full")
+    encoder = Encoder(
+        loaded,
+        preset,
+        layer=opts.layer,
+        attention=attention,
+        dtype=dtype,
+        device=device,
+        evict_start=opts.evict_start,
+        evict_recent=opts.evict_recent,
+    )
+    if opts.compile and device.type == "cuda":
+        loaded.model.compile_blocks()
+    return encoder, preset
+
+
+def context_settings(opts: PrecomputeOptions, kind: str) -> ContextSettings:
+    if kind == "none":
+        return ContextSettings("none")
+    return ContextSettings("sequence", opts.evict_start, opts.evict_recent)
+
+
+def unique_by_sidecar(items: Sequence[Item]) -> tuple[list[Item], int]:
+    """One item per sidecar: the first in catalog order. Others with the same current image but
+    a different history cannot share the per-image sidecar; they are counted as conflicts."""
+    seen: dict[str, Item] = {}
+    conflicts = 0
+    for item in items:
+        first = seen.get(item.image)
+        if first is None:
+            seen[item.image] = item
+        elif first.frames != item.frames:
+            conflicts += 1
+    return list(seen.values()), conflicts
+
+
+def chunked(items: Sequence[Item], key_id: str, size: int = CHUNK_ITEMS) -> list[tuple[str, list[int]]]:
+    """Fixed chunks of the full (deduplicated) item order: the same on every rank and host."""
+    chunks = []
+    for start in range(0, len(items), size):
+        indices = list(range(start, min(start + size, len(items))))
+        chunks.append((chunk_id(key_id, items[start].image, start, size), indices))
+    return chunks
+
+
+def needs_encoding(store: FeatureStore, item: Item) -> bool:
+    """True unless the item's sidecar is valid for the store's key. An error while checking
+    (an unreadable folder, say) means "encode it": the decode stage then reports it per item."""
+    try:
+        return store.check(item).verdict is not Verdict.VALID
+    except OSError:
+        return True
+
+
+def find_todo(
+    items: Sequence[Item], indices: Sequence[int], store: FeatureStore, workers: int
+) -> tuple[list[int], int]:
+    """Header-check items in parallel; returns the indices that need encoding and the valid count."""
+    if not indices:
+        return [], 0
+
+    def needs_work(i: int) -> bool:
+        return needs_encoding(store, items[i])
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+        flags = list(pool.map(needs_work, indices, chunksize=64))
+    todo = [i for i, flag in zip(indices, flags, strict=True) if flag]
+    return todo, len(indices) - len(todo)
+
+
+def plan_run(
+    opts: PrecomputeOptions, catalog: Catalog, key: FeatureKey, info: DistInfo, bytes_per_item: int
+) -> tuple[Plan, list[Item], list[tuple[str, list[int]]], list[int], FeatureStore]:
+    items, conflicts = unique_by_sidecar(catalog.items)
+    store = FeatureStore(key)
+    key_id = fingerprint_json(key.to_meta())
+    chunks = chunked(items, key_id, opts.chunk_items)
+    mine = [c for n, c in enumerate(chunks) if n % info.world_size == info.rank]
+    shard = [i for _, idx in mine for i in idx]
+    if opts.force:
+        todo, valid = shard, 0
+    else:
+        todo, valid = find_todo(items, shard, store, opts.check_workers)
+    if opts.limit is not None:
+        todo = todo[: max(0, opts.limit)]
+    rate = None
+    with contextlib.suppress(Exception):
+        from vggtctl.manifest import load as load_manifest
+
+        rate = load_manifest(opts.root).last_rate
+    plan = Plan(
+        items=len(catalog.items),
+        sidecars=len(items),
+        conflicts=conflicts,
+        already_valid=valid,
+        to_encode=len(todo),
+        shard_items=len(shard),
+        bytes_per_item=bytes_per_item,
+        projected_bytes=bytes_per_item * len(todo),
+        projected_seconds=(len(todo) / rate) if rate else None,
+        layout=catalog.layout,
+        layout_reason=catalog.reason,
+        context=catalog.context_kind,
+        missing_images=len(catalog.missing_images),
+        catalog_problems=len(catalog.problems),
+    )
+    return plan, items, mine, todo, store
+
+
+def estimate_sidecar_bytes(encoder: Any, preset: Any, samples: str | Sequence[str] | None) -> int:
+    """Features bytes for one item (patches x 2C x dtype) plus the archive overhead, from the
+    first sample image that decodes (0 when none does)."""
+    if samples is None:
+        samples = []
+    elif isinstance(samples, str):
+        samples = [samples]
+    for path in samples:
+        try:
+            grid = preset.load(path).grid_hw
+            break
+        except Exception:
+            continue
+    else:
+        return 0
+    channels = 2 * encoder.embed_dim if hasattr(encoder, "embed_dim") else 0
+    itemsize = torch.empty((), dtype=encoder.dtype).element_size()
+    return grid[0] * grid[1] * channels * itemsize + 2048
+
+
+def sample_items(items: Sequence[Item], k: int, seed: int | None = None) -> list[Item]:
+    rng = random.Random(seed)
+    return rng.sample(list(items), min(k, len(items)))
