@@ -73,22 +73,29 @@ def test_no_second_stat_and_temps_never_opened(make_tree, monkeypatch: pytest.Mo
     tree = make_tree({"a.jpg": "valid", "b.jpg": "stale", "c.jpg": "temp", "d.jpg": "corrupt"})
     loaded: list[str] = []
     stats: list[str] = []
-    real_load, real_stat = sidecar._load, audit._stat_or_none
+    torch_loaded: list[str] = []  # the header reader's fallback (torch.load) for what it does not model
+    real_fast, real_load, real_stat = sidecar._fast_header, sidecar._load, audit._stat_or_none
+
+    def spy_fast(path):
+        loaded.append(os.fspath(path))
+        return real_fast(path)
 
     def spy_load(path):
-        loaded.append(os.fspath(path))
+        torch_loaded.append(os.fspath(path))
         return real_load(path)
 
     def spy_stat(path):
         stats.append(path)
         return real_stat(path)
 
+    monkeypatch.setattr(sidecar, "_fast_header", spy_fast)
     monkeypatch.setattr(sidecar, "_load", spy_load)
     monkeypatch.setattr(audit, "_stat_or_none", spy_stat)
     monkeypatch.setattr(sidecar, "_stat_or_none", spy_stat)
     report = audit.audit(tree.root, tb.expectation())
     assert report.count(Verdict.TEMP) == 1
     assert sorted(loaded) == sorted(tree.paths(Verdict.VALID, Verdict.STALE, Verdict.CORRUPT))
+    assert set(torch_loaded) <= set(loaded)
     assert stats == []  # every image stat came from the scan's listing
 
 
