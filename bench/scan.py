@@ -10,9 +10,12 @@ real sidecars written by the codec), then, in one run:
   b) `find ROOT -printf '%s %p\\n' > /dev/null` (one lstat per file, C, single thread);
   c) a naive `os.walk` + `os.stat` + `torch.load` of every sidecar (loads timed on a sample and
      extrapolated when the tree is large: the output says so);
-  d) header reads (`sidecar.read_header`) against full loads (`torch.load` without mmap, then a
-     reduction over the tensor) of realistic sidecars (bf16 [2116, 2048], ~8.7 MB), with the
-     page cache dropped for those files before every pass (posix_fadvise DONTNEED after fsync).
+  d) header reads (`sidecar.read_header`, and for reference the torch.load(mmap=True) path it
+     falls back to) against full loads (`torch.load` without mmap, then a reduction over the
+     tensor) of realistic sidecars (bf16 [2116, 2048], ~8.7 MB), with the page cache dropped for
+     those files before every pass (posix_fadvise DONTNEED after fsync), then on a warm cache.
+
+`--skip status --skip naive` runs (d) alone and builds no tree.
 
 (a) and (b) run on a warm cache: one untimed run of each first, then --repeat timed runs,
 interleaved; the minimum and median are reported. Goals: status <= 1.5x find at 1M files;
@@ -248,6 +251,15 @@ def header_pass(paths: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def torch_header_pass(paths: list[str]) -> float:
+    """The reference header read: torch.load(weights_only=True, mmap=True) + the same schema check
+    (what `read_header` did before the fast reader, and what it falls back to)."""
+    started = time.perf_counter()
+    for path in paths:
+        sidecar._parse(sidecar._load(path))
+    return time.perf_counter() - started
+
+
 def load_pass(paths: list[str], touch: bool) -> float:
     """torch.load without mmap (reads every byte); with `touch`, also sum the tensor in its own
     dtype, as any consumer of the features reads them at least once."""
@@ -271,16 +283,24 @@ def time_header_vs_full(workdir: Path, count: int, passes: int) -> dict:
         sidecar.write(path, features, _meta(name, (46, 46)), fsync=True)  # clean pages: droppable
         paths.append(path)
     size = os.path.getsize(paths[0])
-    cold: dict[str, list[float]] = {"header": [], "load": [], "load_touch": []}
+    cold: dict[str, list[float]] = {"header": [], "header_torch": [], "load": [], "load_touch": []}
     for _ in range(passes):
         drop_cache(paths)
         cold["header"].append(header_pass(paths))
+        drop_cache(paths)
+        cold["header_torch"].append(torch_header_pass(paths))
         drop_cache(paths)
         cold["load"].append(load_pass(paths, touch=False))
         drop_cache(paths)
         cold["load_touch"].append(load_pass(paths, touch=True))
     # The pages are cached now: how much of a cold pass was the disk.
-    warm = {"header": header_pass(paths), "load": load_pass(paths, touch=False)}
+    runs = max(passes, 5)
+    warm_passes = {
+        "header": [header_pass(paths) for _ in range(runs)],
+        "header_torch": [torch_header_pass(paths) for _ in range(runs)],
+        "load": [load_pass(paths, touch=False) for _ in range(runs)],
+    }
+    warm = {name: statistics.median(values) for name, values in warm_passes.items()}
     shutil.rmtree(folder)
     median = {name: statistics.median(values) for name, values in cold.items()}
     return {
@@ -292,8 +312,11 @@ def time_header_vs_full(workdir: Path, count: int, passes: int) -> dict:
         "cold_seconds": median,
         "cold_passes": cold,
         "warm_seconds": warm,
+        "warm_passes": warm_passes,
         "ratio_load_over_header": median["load"] / median["header"],
         "ratio_load_touch_over_header": median["load_touch"] / median["header"],
+        "ratio_torch_header_over_header": median["header_torch"] / median["header"],
+        "warm_ratio_torch_header_over_header": warm["header_torch"] / warm["header"],
     }
 
 
@@ -347,11 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-sample", type=int, default=2000, help="sidecars torch.load'ed by (c)")
     parser.add_argument("--big", type=int, default=100, help="realistic sidecars for (d)")
     parser.add_argument("--passes", type=int, default=3, help="cold passes of (d)")
-    parser.add_argument("--skip", choices=["naive", "headers"], action="append", default=[])
+    parser.add_argument(
+        "--skip",
+        choices=["status", "naive", "headers"],
+        action="append",
+        default=[],
+        help="leave out (a)+(b) (status), (c) (naive) or (d) (headers); repeatable",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     own_root = args.root is None
+    needs_tree = "status" not in args.skip or "naive" not in args.skip  # (d) needs none
     base = Path(tempfile.mkdtemp(prefix="vggtctl-bench-")) if own_root else args.root.parent
     root = base / "tree" if own_root else args.root
     root.mkdir(parents=True, exist_ok=True)
@@ -360,33 +390,37 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])}
     try:
         result["machine"] = machine(root)
-        info, build_seconds = ensure_tree(root, args.files, args.sidecar_ratio, work)
-        created = build_seconds is not None
-        result["tree"] = {**info, "build_seconds": build_seconds}
-        print(
-            f"tree: {info['images']:,} images, {info['sidecars']:,} sidecars, {info['folders']:,} folders"
-            + (f" (built in {build_seconds:.1f} s)" if build_seconds else " (reused)"),
-            flush=True,
-        )
+        if needs_tree:
+            info, build_seconds = ensure_tree(root, args.files, args.sidecar_ratio, work)
+            created = build_seconds is not None
+            result["tree"] = {**info, "build_seconds": build_seconds}
+            print(
+                f"tree: {info['images']:,} images, {info['sidecars']:,} sidecars, {info['folders']:,} folders"
+                + (f" (built in {build_seconds:.1f} s)" if build_seconds else " (reused)"),
+                flush=True,
+            )
 
-        timing = time_status_vs_find(root, args.repeat, info)
-        result["status_vs_find"] = timing
-        med = {name: timing[name]["median"] for name in timing if name != "commands"}
-        ratio = med["status"] / med["find"]
-        result["ratio_status_over_find"] = ratio
-        result["ratio_lean_status_over_find"] = med["status_lean"] / med["find"]
-        print(
-            f"(a) vggtctl status --json: median {med['status']:.2f} s (min {timing['status']['min']:.2f}); "
-            f"of which the scan {med['status_scan_only']:.2f} s and CLI start-up (`vggtctl --version`) "
-            f"{med['startup']:.2f} s; --processes 1: {med['status_threads_only']:.2f} s; status alone on its "
-            f"own Typer app (no other command imported): {med['status_lean']:.2f} s"
-        )
-        print(f"(b) find -printf: median {med['find']:.2f} s (min {timing['find']['min']:.2f})")
-        print(
-            f"    status / find = {ratio:.2f}; lean status / find = {result['ratio_lean_status_over_find']:.2f} "
-            "(medians; goal <= 1.5 at 1M files)",
-            flush=True,
-        )
+        status_median = None
+        if "status" not in args.skip:
+            timing = time_status_vs_find(root, args.repeat, info)
+            result["status_vs_find"] = timing
+            med = {name: timing[name]["median"] for name in timing if name != "commands"}
+            status_median = med["status"]
+            ratio = med["status"] / med["find"]
+            result["ratio_status_over_find"] = ratio
+            result["ratio_lean_status_over_find"] = med["status_lean"] / med["find"]
+            print(
+                f"(a) vggtctl status --json: median {med['status']:.2f} s (min {timing['status']['min']:.2f}); "
+                f"of which the scan {med['status_scan_only']:.2f} s and CLI start-up (`vggtctl --version`) "
+                f"{med['startup']:.2f} s; --processes 1: {med['status_threads_only']:.2f} s; status alone on its "
+                f"own Typer app (no other command imported): {med['status_lean']:.2f} s"
+            )
+            print(f"(b) find -printf: median {med['find']:.2f} s (min {timing['find']['min']:.2f})")
+            print(
+                f"    status / find = {ratio:.2f}; lean status / find = {result['ratio_lean_status_over_find']:.2f} "
+                "(medians; goal <= 1.5 at 1M files)",
+                flush=True,
+            )
 
         if "naive" not in args.skip:
             naive = time_naive(root, args.naive_sample)
@@ -396,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
                 if naive["extrapolated"]
                 else "every sidecar loaded"
             )
+            versus = (
+                f"; naive / status = {naive['total_seconds'] / status_median:.1f}x" if status_median else ""
+            )
             print(
                 f"(c) naive os.walk + os.stat + torch.load: {naive['total_seconds']:.1f} s ({note}; "
-                f"walk+stat {naive['walk_stat_seconds']:.2f} s, {1000 * naive['per_load_seconds']:.2f} ms per load); "
-                f"naive / status = {naive['total_seconds'] / timing['status']['median']:.1f}x",
+                f"walk+stat {naive['walk_stat_seconds']:.2f} s, {1000 * naive['per_load_seconds']:.2f} ms per load)"
+                + versus,
                 flush=True,
             )
 
@@ -413,13 +450,15 @@ def main(argv: list[str] | None = None) -> int:
             per = {k: 1000 * v / big["files"] for k, v in big["cold_seconds"].items()}
             warm = {k: 1000 * v / big["files"] for k, v in big["warm_seconds"].items()}
             print(
-                f"    header reads {per['header']:.2f} ms/file; full loads {per['load']:.2f} ms/file, "
+                f"    header reads {per['header']:.3f} ms/file (torch.load mmap path: {per['header_torch']:.3f}, "
+                f"{big['ratio_torch_header_over_header']:.1f}x); full loads {per['load']:.2f} ms/file, "
                 f"{per['load_touch']:.2f} ms/file with a sum over the tensor"
             )
             print(
                 f"    full / header = {big['ratio_load_touch_over_header']:.1f}x with the sum (goal >= 20x), "
-                f"{big['ratio_load_over_header']:.1f}x load alone; warm cache: header {warm['header']:.2f}, "
-                f"load {warm['load']:.2f} ms/file",
+                f"{big['ratio_load_over_header']:.1f}x load alone; warm cache: header {warm['header']:.3f} "
+                f"(torch.load mmap path {warm['header_torch']:.3f}, "
+                f"{big['warm_ratio_torch_header_over_header']:.1f}x), load {warm['load']:.2f} ms/file",
                 flush=True,
             )
         result["machine"]["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -433,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {args.out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if args.keep or not created:
+        if own_root and not needs_tree:
+            shutil.rmtree(base, ignore_errors=True)
+        elif args.keep or not created:
             if own_root:
                 print(f"tree kept: {root} (rerun with --root {root} --keep)")
         else:  # only a tree this run built is removed

@@ -200,6 +200,7 @@ def test_schema_errors_on_shape_and_dtype_are_the_same(tmp_path: Path) -> None:
         (torch.zeros(4, 8), (3, 3), "float32"),  # patch count != grid
         (torch.zeros(4, 8), (2, 2), "bfloat16"),  # dtype != meta
         (torch.zeros(2, 2, 2), (2, 1), "float32"),  # not 2-D
+        (torch.zeros(4, 8), ("x", 10**12), "float32"),  # a grid that is not two numbers
     ):
         path = Path(sidecar.sidecar_path(image))
         sidecar.write(path, feats, base_meta(image, grid, dtype))

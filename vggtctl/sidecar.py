@@ -177,10 +177,13 @@ def _check(obj: Any, facts: TensorFacts) -> Header:
     if len(shape) != 2:
         raise SidecarFormatError(f"features are {len(shape)}-D, expected [num_patches, 2*embed_dim]")
     grid = meta["preprocess"].get("grid_hw")
-    if isinstance(grid, (list, tuple)) and len(grid) == 2 and shape[0] != grid[0] * grid[1]:
-        raise SidecarFormatError(
-            f"features have {shape[0]} patches, meta grid {grid} says {grid[0] * grid[1]}"
-        )
+    if isinstance(grid, (list, tuple)) and len(grid) == 2:
+        if not all(isinstance(g, (int, float)) for g in grid):  # "x" * 10**12 would not end well
+            raise SidecarFormatError(f"meta grid {grid!r:.80} is not two numbers")
+        if shape[0] != grid[0] * grid[1]:
+            raise SidecarFormatError(
+                f"features have {shape[0]} patches, meta grid {grid} says {grid[0] * grid[1]}"
+            )
     if meta["model"].get("dtype") not in (None, dtype):
         raise SidecarFormatError(f"features are {dtype}, meta says {meta['model'].get('dtype')}")
     return Header(VERSION, meta, shape, dtype)
