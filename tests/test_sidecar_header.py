@@ -247,6 +247,10 @@ def test_storage_record_shorter_than_the_tensor_is_corrupt(tmp_path: Path) -> No
         sidecar.read_header(short)
     tb.write_image(tmp_path / "b.jpg")
     assert sidecar.classify(short).verdict is Verdict.CORRUPT
+    # the full read (verify) refuses it too, where torch.load alone would read past the record
+    with pytest.raises(torchzip.BadArchive):
+        sidecar.read(short)
+    assert sidecar.classify(short, full=True).verdict is Verdict.CORRUPT
 
 
 def test_missing_storage_record_is_corrupt(tmp_path: Path) -> None:

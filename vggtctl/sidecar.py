@@ -237,7 +237,12 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
 
 def read(path: str | os.PathLike[str], *, check_finite: bool = True) -> Sidecar:
-    """Full read: the features are materialized (still backed by mmap until touched)."""
+    """Full read: the features are materialized (still backed by mmap until touched).
+
+    The structural pass of `read_header` runs first: torch.load would silently read past a
+    storage record that is too short, the header reader refuses it."""
+    path = os.fspath(path)
+    _fast_header(path)
     header, features = _parse(_load(path))
     if check_finite and features.numel() and not bool(torch.isfinite(features).all()):
         raise SidecarFormatError("features contain NaN or Inf")
