@@ -42,3 +42,46 @@ def make_root(base: Path, total: int = 6, valid: int = 6) -> Path:
             feats = torch.full((4, 8), float(i), dtype=torch.bfloat16)
             sidecar.write(sidecar.sidecar_path(image), feats, meta)
     return root
+
+
+# --------------------------------------------------------------------------- shared fixtures
+
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "OMP_NUM_THREADS", "USE_VGGT_CACHE")
+LAUNCH_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "SLURM_")
+
+
+def train_app():  # -> typer.Typer
+    """A Typer app holding only `train`, as the launch tests drive it."""
+    import typer
+
+    from vggtctl.cli import train
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    train.register(app)
+    return app
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_launch_env(monkeypatch, extra: tuple[str, ...] = ()) -> None:
+    """No launch variables from the machine running the tests, plain output, no GPUs seen."""
+    import os
+
+    from vggtctl.launch import plan as plan_module
+
+    for name in list(os.environ):
+        if name.startswith(LAUNCH_PREFIXES) or name in LAUNCH_VARIABLES + extra:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setattr(plan_module, "count_cuda_devices", lambda: 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import launch_tree
 
 from vggtctl.keys import FeatureKey
-from vggtctl.launch import plan as plan_module
 from vggtctl.launch.plan import TrainOptions, build_plan
 from vggtctl.launch.scripts import emit_scripts
 from vggtctl.launch.torchrun import parse_entry
@@ -33,39 +31,15 @@ KEY_JSON = json.dumps(launch_tree.KEY.to_meta())
 
 @pytest.fixture
 def app() -> typer.Typer:
-    from vggtctl.cli import train
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    train.register(app)
-    return app
+    return launch_tree.train_app()
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No launch variables from the machine running the tests; no GPUs seen."""
-    for name in list(os.environ):
-        if name.startswith(("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "SLURM_")) or name in (
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "NODE_RANK",
-            "NNODES",
-            "OMP_NUM_THREADS",
-            "USE_VGGT_CACHE",
-        ):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setattr(plan_module, "count_cuda_devices", lambda: 0)
+    launch_tree.clean_launch_env(monkeypatch, ())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = launch_tree.free_port
 
 
 def parse_blocks(stdout: str) -> dict[int, tuple[dict[str, str], list[str]]]:

@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import launch_tree
 
 from vggtctl import manifest
-from vggtctl.launch import plan as plan_module
 from vggtctl.launch import preflight
 from vggtctl.launch.plan import TrainOptions, build_plan
 
@@ -28,38 +27,16 @@ KEY_JSON = json.dumps(launch_tree.KEY.to_meta())
 
 @pytest.fixture
 def app() -> typer.Typer:
-    from vggtctl.cli import train
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:
-        """Test root."""
-
-    train.register(app)
-    return app
+    return launch_tree.train_app()
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "SLURM_")) or name in (
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "NODE_RANK",
-            "NNODES",
-            "CUDA_LAUNCH_BLOCKING",
-        ):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("NO_COLOR", "1")
+    launch_tree.clean_launch_env(monkeypatch, ("CUDA_LAUNCH_BLOCKING",))
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(plan_module, "count_cuda_devices", lambda: 0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = launch_tree.free_port
 
 
 def expected_fix(root: Path) -> str:
