@@ -24,6 +24,7 @@ from vggtctl.data import (
     FeatureStats,
     FeatureStore,
     OnlineFeatures,
+    check_items,
     collate_features,
     coverage,
     use_vggt_cache,
@@ -234,6 +235,27 @@ def test_coverage_counts_by_verdict(episode: list[Item], tmp_path: Path) -> None
     assert sorted(str(store.check(i).verdict) for i in items) == sorted(
         v for v, n in report.by_verdict.items() for _ in range(n)
     )
+
+
+def test_check_items_stats_each_frame_once(episode: list[Item], monkeypatch) -> None:
+    """Items of one episode share frames: a per-item check would stat frame 0 once per item
+    (x3 with padding); the folder listing answers every frame from one stat."""
+    key = make_key()
+    for i, item in enumerate(episode):
+        write_sidecar(item, key, feats(i))
+    counted: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counted.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    results = check_items(episode, FeatureStore(key), workers=2)
+    monkeypatch.undo()
+    assert [r.verdict for r in results] == [Verdict.VALID] * len(episode)
+    frames = {f for item in episode for f in item.frames}
+    assert not frames & set(counted), "frames must come from the folder listing, not os.stat"
 
 
 # --------------------------------------------------------------------------- dataset

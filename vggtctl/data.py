@@ -284,51 +284,61 @@ class CoverageReport:
         return f"{self.valid}/{self.total} items cached ({100 * self.fraction:.1f}%): {rest or 'no items'}"
 
 
+def check_items(items: Sequence[Item], store: FeatureStore, *, workers: int = 8) -> list[Classification]:
+    """Header verdicts for many items, in their order, one folder listing per folder of current
+    images: each image and sidecar is stat'ed once by its listing (DESIGN §8), frames outside the
+    folder once each on demand. `verdict` is `MISSING` where there is no sidecar; a check that
+    fails with an OS error is reported as missing too, so a caller re-creates it (and the
+    decode stage reports the real problem per item)."""
+    by_folder: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_folder[os.path.dirname(item.image)].append(index)
+    results: list[Classification | None] = [None] * len(items)
+
+    def check_folder(folder: str) -> None:
+        listing = list_dir(folder)
+        lookup = _listing_lookup(listing)
+        for index in by_folder[folder]:
+            item = items[index]
+            path = sidecar.sidecar_path(item.image)
+            if f"{os.path.basename(item.image)}{sidecar.SUFFIX}" not in listing.sidecars:
+                results[index] = Classification(path, MISSING, "no sidecar")  # type: ignore[arg-type]
+                continue
+            try:
+                results[index] = store._classify(item, path, lookup)
+            except OSError as err:
+                reason = f"cannot check: {err.strerror or err}"
+                results[index] = Classification(path, MISSING, reason)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="check") as pool:
+        list(pool.map(check_folder, sorted(by_folder)))
+    return results  # type: ignore[return-value]
+
+
 def coverage(
     items: Catalog | Sequence[Item], key: FeatureKey, *, workers: int = 8, accept_legacy: bool = False
 ) -> CoverageReport:
-    """Classify every item's sidecar in parallel, one folder listing per folder of current images.
+    """How many items have a sidecar valid for `key` (header checks through `check_items`).
 
-    Each image and sidecar is stat'ed once by the listing; frames outside the folder are
-    stat'ed on demand. `accept_legacy` counts legacy files as valid, like the store would.
+    `accept_legacy` counts legacy files as valid, like the store would.
     """
     store = FeatureStore(key, accept_legacy=accept_legacy)
-    by_folder: dict[str, list[Item]] = defaultdict(list)
-    for item in items.items if isinstance(items, Catalog) else items:
-        by_folder[os.path.dirname(item.image)].append(item)
-
-    def check_folder(folder: str) -> tuple[Counter[str], dict[str, list[str]]]:
-        listing = list_dir(folder)
-        lookup = _listing_lookup(listing)
-        counts: Counter[str] = Counter()
-        examples: dict[str, list[str]] = {}
-        for item in by_folder[folder]:
-            name = os.path.basename(item.image)
-            path = sidecar.sidecar_path(item.image)
-            if f"{name}{sidecar.SUFFIX}" not in listing.sidecars:
-                verdict, reason = str(MISSING), "no sidecar"
-            else:
-                result = store._classify(item, path, lookup)
-                verdict, reason = str(result.verdict), result.reason
-                if result.verdict is Verdict.LEGACY and accept_legacy:
-                    verdict = str(Verdict.VALID)
-            counts[verdict] += 1
-            shown = examples.setdefault(verdict, [])
-            if verdict != str(Verdict.VALID) and len(shown) < _EXAMPLES:
-                shown.append(f"{item.image}: {reason}")
-        return counts, examples
-
+    listed = list(items.items if isinstance(items, Catalog) else items)
     total: Counter[str] = Counter()
-    all_examples: dict[str, list[str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="coverage") as pool:
-        for counts, examples in pool.map(check_folder, sorted(by_folder)):
-            total.update(counts)
-            for verdict, shown in examples.items():
-                mine = all_examples.setdefault(verdict, [])
-                mine.extend(shown[: max(0, _EXAMPLES - len(mine))])
-    n = sum(total.values())
+    examples: dict[str, list[str]] = {}
+    for item, result in zip(listed, check_items(listed, store, workers=workers), strict=True):
+        verdict = str(result.verdict)
+        if result.verdict is Verdict.LEGACY and accept_legacy:
+            verdict = str(Verdict.VALID)
+        total[verdict] += 1
+        shown = examples.setdefault(verdict, [])
+        if verdict != str(Verdict.VALID) and len(shown) < _EXAMPLES:
+            shown.append(f"{item.image}: {result.reason}")
     return CoverageReport(
-        n, total.get(str(Verdict.VALID), 0), dict(total), {k: v for k, v in all_examples.items() if v}
+        sum(total.values()),
+        total.get(str(Verdict.VALID), 0),
+        dict(total),
+        {k: v for k, v in examples.items() if v},
     )
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from vggtctl.catalog import Catalog, Item
 from vggtctl.claims import chunk_id
-from vggtctl.data import FeatureStore
+from vggtctl.data import FeatureStore, check_items
 from vggtctl.distributed import (
     DistInfo,
 )
@@ -100,16 +99,12 @@ def needs_encoding(store: FeatureStore, item: Item) -> bool:
 def find_todo(
     items: Sequence[Item], indices: Sequence[int], store: FeatureStore, workers: int
 ) -> tuple[list[int], int]:
-    """Header-check items in parallel; returns the indices that need encoding and the valid count."""
+    """Header-check items (one folder listing per folder, in parallel); returns the indices
+    that need encoding and the count already valid."""
     if not indices:
         return [], 0
-
-    def needs_work(i: int) -> bool:
-        return needs_encoding(store, items[i])
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
-        flags = list(pool.map(needs_work, indices, chunksize=64))
-    todo = [i for i, flag in zip(indices, flags, strict=True) if flag]
+    results = check_items([items[i] for i in indices], store, workers=workers)
+    todo = [i for i, result in zip(indices, results, strict=True) if result.verdict is not Verdict.VALID]
     return todo, len(indices) - len(todo)
 
 
