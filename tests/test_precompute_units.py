@@ -363,3 +363,41 @@ def test_chunks_cover_every_item_once():
     assert [idx for _, idx in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert len({cid for cid, _ in chunks}) == 3
     assert chunked(items, "key", 4) == chunks  # the same on every rank and host
+
+
+# --------------------------------------------------------------------------- decode workers
+
+
+class _FakePreset:
+    """Stands in for a preset: a fixed 14x28 tensor per file, no decoding."""
+
+    def load(self, path):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        return SimpleNamespace(tensor=torch.zeros(3, 14, 28), input_hw=(14, 28), grid_hw=(1, 2))
+
+
+def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tmp_path, monkeypatch):
+    from vggtctl.catalog import load_catalog
+    from vggtctl.keys import ContextSettings, FeatureKey, ModelKey
+    from vggtctl.precompute import ItemDataset, Prepared
+
+    for i in range(6):
+        (tmp_path / "ep").mkdir(exist_ok=True)
+        (tmp_path / "ep" / f"step_{i}_MOVE_FORWARD.jpg").write_bytes(b"x" * (i + 1))
+    items = load_catalog(tmp_path, "episodes", max_history=3).items
+    key = FeatureKey(
+        ModelKey("f" * 64, "m", 0, "causal", "float32"), "p" * 64, "fake", ContextSettings("sequence")
+    )
+    dataset = ItemDataset(items, _FakePreset(), key)
+    counted: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: counted.append(os.fspath(p)) or real_stat(p, *a, **k))
+    prepared = [dataset[i] for i in range(len(items))]
+    monkeypatch.undo()
+    assert all(isinstance(p, Prepared) for p in prepared)
+    # 6 items x 4 frames = 24 frame references; one stat per item for its current image
+    assert sorted(counted) == sorted(item.image for item in items)
+    # and the recorded image key is that fresh stat
+    for item, done in zip(items, prepared, strict=True):
+        assert done.meta["image"]["size"] == os.path.getsize(item.image)

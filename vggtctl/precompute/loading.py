@@ -39,7 +39,9 @@ class ItemDataset(Dataset):
     """Decodes and preprocesses one item in a DataLoader worker; a bad image becomes `Failed`.
 
     Consecutive items of an episode share frames, so each worker keeps a small LRU of
-    preprocessed frames.
+    preprocessed frames and of history frames' stats: the current image is stat'ed afresh
+    (its key goes into the sidecar), a history frame once per worker while it is in the LRU.
+    A frame edited meanwhile makes the written sidecar stale at the next check, never wrong.
     """
 
     def __init__(self, items: Sequence[Item], preset: Any, key: FeatureKey, frame_cache: int = 32) -> None:
@@ -48,6 +50,20 @@ class ItemDataset(Dataset):
         self.key = key
         self.frame_cache = frame_cache
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._stats: OrderedDict[str, os.stat_result] = OrderedDict()
+
+    def _stat(self, path: str, fresh: bool) -> os.stat_result | None:
+        st = None if fresh else self._stats.get(path)
+        if st is None:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self._stats.pop(path, None)
+                return None
+            self._stats[path] = st
+            if len(self._stats) > 8 * self.frame_cache:
+                self._stats.popitem(last=False)
+        return st
 
     def __len__(self) -> int:
         return len(self.items)
@@ -67,7 +83,7 @@ class ItemDataset(Dataset):
         item = self.items[index]
         sequence = self.key.context.kind == "sequence"
         try:
-            frames = item_frames_for_key(item)
+            frames = item_frames_for_key(item, lambda path: self._stat(path, fresh=path == item.image))
         except OSError as err:
             path = str(getattr(err, "filename", None) or item.image)
             reason = f"cannot stat: {err.strerror or err}"
