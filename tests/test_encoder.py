@@ -143,3 +143,39 @@ def test_bad_shapes(loaded):
         enc.encode_frames(torch.rand(1, 1, 3, 28, 28))
     with pytest.raises(ValueError, match="B, S, 3, H, W"):
         enc.encode_sequences(torch.rand(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize(
+    ("attention", "evict"),
+    [("causal", None), ("full", None), ("causal", (1, 2))],
+    ids=["causal", "full", "evict"],
+)
+def test_shared_frames_equal_the_full_batch(loaded, inputs, attention, evict):
+    """Sliding-window items share frames; embedding each distinct frame once changes nothing."""
+    frames = inputs["frames_s5"][0]  # 5 distinct frames [5, 3, H, W]
+    windows = torch.tensor([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4]])  # 4 items of 3 frames
+    enc = encoder(
+        loaded, attention=attention, evict_start=evict and evict[0], evict_recent=evict and evict[1]
+    )
+    expanded = enc.encode_sequences(frames[windows])  # [4, 3, 3, H, W]
+    shared = enc.encode_sequences(frames, frame_index=windows)
+    assert torch.equal(shared, expanded)
+
+
+def test_distinct_frames_maps_every_item_onto_its_frames():
+    from vggtctl.precompute.gpu import _distinct_frames
+    from vggtctl.precompute.loading import Prepared
+
+    pixels = {name: torch.full((3, 14, 14), float(i)) for i, name in enumerate("abcd")}
+
+    def item(index, names):
+        ids = tuple((name, 1, 1) for name in names)
+        return Prepared(index, torch.stack([pixels[n] for n in names]), {}, ids)
+
+    batch = [item(0, "aab"), item(1, "abc"), item(2, "bcd")]
+    staging, index = _distinct_frames(batch, rows=4, pin=False, multiple=8)
+    assert staging.shape[0] == 8  # 4 distinct frames, rounded up to 8
+    assert index.shape == (4, 3) and index[3].tolist() == [0, 0, 0]  # padding row
+    for row, sample in enumerate(batch):
+        assert torch.equal(staging[index[row]], sample.pixels)
+    assert torch.count_nonzero(staging[4:]) == 0

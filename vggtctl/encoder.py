@@ -110,20 +110,25 @@ class Encoder:
             (out,) = self.model(images, layers=[self.layer], attention=self.attention)
             return self._finish(out)
 
-    def encode_sequences(self, frames: Tensor) -> Tensor:
+    def encode_sequences(self, frames: Tensor, frame_index: Tensor | None = None) -> Tensor:
         """Items with context: [B, S, 3, H, W] (history then current) -> [B, P, 2C] of frame S-1.
 
         Causal attention without eviction runs one causal forward (equal to streaming the
         frames); with eviction the frames are streamed with the K/V cache window; full
-        attention runs the upstream model over all S frames.
+        attention runs the upstream model over all S frames. With `frame_index` [B, S],
+        `frames` holds the distinct frames [U, 3, H, W] of the batch (see Aggregator.forward).
         """
-        if frames.dim() != 5:
+        if frame_index is None and frames.dim() != 5:
             raise ValueError(f"encode_sequences expects [B, S, 3, H, W], got {tuple(frames.shape)}")
         with self._running():
             frames = frames.to(self.device, torch.float32, non_blocking=True)
             if not self._evicting:
-                (out,) = self.model(frames, layers=[self.layer], attention=self.attention)
+                (out,) = self.model(
+                    frames, layers=[self.layer], attention=self.attention, frame_index=frame_index
+                )
                 return self._finish(out)
+            if frame_index is not None:
+                frames = frames[frame_index.to(frames.device)]  # [B, S, 3, H, W]; streams embed per step
             state = self.model.new_stream(self.evict_start, self.evict_recent)
             for step in _steps(frames):
                 (out,) = self.model.stream_step(step, state, layers=[self.layer])

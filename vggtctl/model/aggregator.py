@@ -133,15 +133,34 @@ class Aggregator(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, images: Tensor, layers: Sequence[int] = (-2,), attention: str = "full") -> list[Tensor]:
-        """images [B, S, 3, H, W] -> one [B, S, P, 2C] tensor per entry of `layers`, in order."""
+    def forward(
+        self,
+        images: Tensor,
+        layers: Sequence[int] = (-2,),
+        attention: str = "full",
+        frame_index: Tensor | None = None,
+    ) -> list[Tensor]:
+        """images [B, S, 3, H, W] -> one [B, S, P, 2C] tensor per entry of `layers`, in order.
+
+        With `frame_index` ([B, S] integers), `images` holds distinct frames [U, 3, H, W] and
+        sequence b's frame s is images[frame_index[b, s]]: a frame shared by several sequences
+        (neighbouring steps of an episode) goes through the patch embedding once. The patch
+        embedding sees one frame at a time, so sharing it changes nothing downstream.
+        """
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if images.dim() != 5:
+        if frame_index is not None:
+            if images.dim() != 4 or frame_index.dim() != 2:
+                raise ValueError("with frame_index, expected images [U, 3, H, W] and frame_index [B, S]")
+            b, s = frame_index.shape
+            h, w = images.shape[-2:]
+            patches = self.embed_frames(images)[frame_index.flatten().to(images.device)]
+        elif images.dim() != 5:
             raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
-        b, s, _, h, w = images.shape
+        else:
+            b, s, _, h, w = images.shape
+            patches = self.embed_frames(images.flatten(0, 1))
         wanted = self._wanted(layers)
-        patches = self.embed_frames(images.flatten(0, 1))
         tokens = torch.cat([self._specials(b, s), patches], dim=1)
         rope = self._rope_tables(h, w, tokens)
         n, p, c = tokens.shape

@@ -27,6 +27,9 @@ class Prepared:
     index: int
     pixels: torch.Tensor  # [S,3,H,W] (sequence) or [3,H,W] (single frame)
     meta: dict[str, Any]
+    # per frame: (path, size, mtime_ns) it was decoded at; equal identities decode equally,
+    # which lets the GPU stage embed a frame shared by neighbouring items once
+    frame_ids: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass
@@ -114,7 +117,10 @@ class ItemDataset(Dataset):
             frames=[name for name, _ in frames] if sequence else [],
             signature=self.key.signature_for(frames) if sequence else None,
         )
-        return Prepared(index, pixels, meta)
+        ids = tuple(
+            (path, key.size, key.mtime_ns) for path, (_, key) in zip(item.frames, frames, strict=True)
+        )
+        return Prepared(index, pixels, meta, ids if sequence else ())
 
 
 def _naming_frame(item: Item, path: str, reason: str) -> str:
