@@ -28,3 +28,27 @@ def test_demo_covers_every_item_and_resumes(tmp_path):
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
     assert load_manifest(root).runs[-1]["encoded"] == 0
+
+
+def test_precomputed_features_equal_the_online_fallback_bit_for_bit(tmp_path):
+    """What precompute wrote is what a trainer's online fallback computes (CPU, fp32, tiny):
+    the dataset yields the frames, OnlineFeatures encodes them with the same encoder."""
+    import torch
+
+    from vggtctl.data import CachedFeaturesDataset, OnlineFeatures
+    from vggtctl.demo import make_dataset
+    from vggtctl.precompute import PrecomputeOptions, build_encoder, run
+
+    root = tmp_path / "eps"
+    make_dataset(root, episodes=1, steps=4, size=(64, 48))
+    opts = PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=2, device="cpu", workers=0)
+    assert run(opts).encoded == 4
+    encoder, preset = build_encoder(opts, "sequence", torch.device("cpu"))
+    store = FeatureStore(load_manifest(root).current_key)
+    online = OnlineFeatures.for_store(encoder, store)
+    items = load_catalog(root, "episodes", max_history=2).items
+    dataset = CachedFeaturesDataset(items, store, preset, load_images="always")
+    for index in range(len(items)):
+        sample = dataset[index]
+        assert sample["cache_status"] == "hit"
+        assert torch.equal(online(sample["images_vggt"]), sample["vggt_features"])
