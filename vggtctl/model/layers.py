@@ -106,20 +106,21 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, KVPair]:
         """One new frame x [B, P, C] attending to the cached frames plus itself.
 
-        The cache holds raw keys/values [B, heads, frames, P, head_dim] (before k-norm and RoPE,
-        like the reference); k-norm and RoPE are applied to the whole concatenation. Returns the
-        output and the extended raw cache.
+        The cache holds keys [B, heads, frames, P, head_dim] after k-norm and RoPE, and values.
+        The reference caches raw keys and re-applies k-norm and RoPE to the whole concatenation
+        every step; both act per token with per-frame positions, so applying them once per frame
+        gives the same keys bit for bit and saves O(frames) work per step. Keys are stored in
+        the values' dtype, the precision attention reads them in (autocast included).
         """
         q, k, v = self._split(x)
-        k, v = k.unsqueeze(2), v.unsqueeze(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = k.to(v.dtype).unsqueeze(2), v.unsqueeze(2)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        q, kn = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q = apply_rope(q, *rope)
-            kn = apply_rope(kn, *rope)  # [B, H, F, P, D] broadcasts against [P, D]
-        out = F.scaled_dot_product_attention(q, kn.flatten(2, 3), v.flatten(2, 3))
+        out = F.scaled_dot_product_attention(q, k.flatten(2, 3), v.flatten(2, 3))
         return self._merge(out), (k, v)
 
 

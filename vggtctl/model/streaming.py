@@ -1,7 +1,8 @@
 """Streaming state for causal VGGT: one frame per step, a K/V cache per global block.
 
 B independent sequences advance in lockstep (frame k of every sequence in step k). Each global
-block keeps the raw keys/values of all past frames as [B, heads, frames, P, head_dim]. After a
+block keeps the keys (after k-norm and RoPE) and values of all past frames as
+[B, heads, frames, P, head_dim]. After a
 step the cache may be evicted to the first `start` and the last `recent` frames (the
 JanusVLN-style window). The camera/register slot is 0 for the first frame, 1 afterwards.
 """
