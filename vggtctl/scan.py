@@ -79,9 +79,9 @@ class DirListing:
 
         def lookup(path: str) -> os.stat_result | None:
             head, name = os.path.split(path)
-            if os.path.normpath(head) == os.path.normpath(folder):
-                return self.images.get(name)
-            try:
+            if os.path.normpath(head) == os.path.normpath(folder) and name in self.images:
+                return self.images[name]
+            try:  # another folder, or a file the listing does not stat (e.g. a .tif frame)
                 return os.stat(path)
             except OSError:
                 return None

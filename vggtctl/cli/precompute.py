@@ -254,7 +254,7 @@ def register(app: typer.Typer) -> None:
                 layer=int(pick("layer", layer, config, "precompute", -2)),
                 attention=pick("attention", attention, config, "precompute"),
                 layout=str(pick("layout", layout, config, "precompute", "auto")),
-                annotations=list(annotations or config.get("annotations", []) or []),
+                annotations=_path_list(annotations or pick("annotations", None, config, "precompute", [])),
                 data_path=pick("data_path", data_path, config, "precompute"),
                 max_history=int(pick("max_history", max_history, config, "precompute", 8)),
                 context=str(pick("context", context, config, "precompute", "auto")),
@@ -363,3 +363,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _int_or_none(value: object) -> int | None:
     return None if value in (None, "") else int(value)  # type: ignore[arg-type]
+
+
+def _path_list(value: object) -> list[str]:
+    """Repeated flags, a TOML list, or VGGTCTL_ANNOTATIONS as an os.pathsep-separated string."""
+    if isinstance(value, str):
+        return [part for part in value.split(os.pathsep) if part]
+    return [str(part) for part in value or []]  # type: ignore[attr-defined]
