@@ -49,7 +49,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forward_gpu import Clock, is_oom, peak_gib, reset_peak
+from forward_gpu import Clock, _fmt, is_oom, peak_gib, reset_peak
 
 from vggtctl import precompute
 from vggtctl.demo import make_episode
@@ -443,10 +443,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def render(result: dict[str, Any]) -> str:

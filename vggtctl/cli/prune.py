@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ConfigError, VggtctlError
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ConfigError
 
 if TYPE_CHECKING:  # the library imports torch; keep `vggtctl --help` fast
     from vggtctl.audit import AuditReport
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             "temp": temp,
         }
         chosen = [name for name, on in flags.items() if on or all_invalid]
-        try:
+        with render.command_errors("interrupted; nothing more deleted"):
             code = run(
                 root,
                 chosen,
@@ -88,11 +88,6 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 as_json=as_json,
             )
-        except VggtctlError as error:
-            render.fail(error)
-        except KeyboardInterrupt:
-            render.err.print("interrupted; nothing more deleted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
         raise typer.Exit(code)
 
 

@@ -3,9 +3,11 @@ stdout, plain output for NO_COLOR and non-TTY, errors as one line with a meaning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import humanize
@@ -13,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vggtctl.errors import VggtctlError
+from vggtctl.errors import EXIT_INTERRUPTED, VggtctlError
 
 
 def _color_allowed() -> bool:
@@ -44,6 +46,19 @@ def fail(error: VggtctlError | str, code: int | None = None) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     exit_code = code if code is not None else getattr(error, "exit_code", 2)
     raise typer.Exit(exit_code)
+
+
+@contextlib.contextmanager
+def command_errors(interrupted: str = "interrupted") -> Iterator[None]:
+    """The error convention of every command: a VggtctlError is one line on stderr with its
+    exit code; Ctrl-C prints `interrupted` and exits 130."""
+    try:
+        yield
+    except VggtctlError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        err.print(interrupted, markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def is_interactive() -> bool:

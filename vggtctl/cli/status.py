@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from vggtctl.errors import EXIT_INTERRUPTED, ConfigError, VggtctlError
+from vggtctl.errors import ConfigError
 
 if TYPE_CHECKING:
     from vggtctl.status import StatusReport
@@ -72,13 +72,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from vggtctl.cli import render
 
-        try:
+        with render.command_errors():
             report = run(root, depth, sort.value, top, workers, processes, deep, vggt_model)
-        except VggtctlError as error:
-            render.fail(error)
-        except KeyboardInterrupt:
-            render.err.print("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
         for problem in report.unreadable:
             render.err.print(f"warning: cannot read {problem} (skipped)", markup=False, soft_wrap=True)
         if as_json:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vggtctl.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, VggtctlError
+from vggtctl.errors import EXIT_OK, EXIT_PROBLEMS
 
 HELP = """Check every sidecar under ROOT: full read (tensor finite, shape matches its meta), image
 freshness, model/preprocess/context against the current feature key.
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from vggtctl.cli import render
 
-        try:
+        with render.command_errors():
             code = run(
                 root,
                 quick=quick,
@@ -65,11 +65,6 @@ def register(app: typer.Typer) -> None:
                 recompute=recompute,
                 as_json=as_json,
             )
-        except VggtctlError as error:
-            render.fail(error)
-        except KeyboardInterrupt:
-            render.err.print("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
         raise typer.Exit(code)
 
 
