@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vggtctl.model import Aggregator, build_model, get_config, init_random, patch_tokens
 from vggtctl.model.config import AggregatorConfig
+from vggtctl.model.sdpa import SDPA_CHOICES
 
 FLOP_FORMULA = (
     "per frame: 2*3p^2*C*N + D_vit*(lin*Tv + 4*Tv^2*C) + L*(lin*T + 4*T^2*C) + L*(lin*T + 4*T*(K*T)*C); "
@@ -134,11 +135,12 @@ def is_oom(exc: BaseException) -> bool:
 
 @dataclass
 class Row:
-    kind: str  # "forward" | "stream"
+    kind: str  # "forward" | "stream" | "attention"
     mode: str
     size: int
     batch: int
     frames: int = 1
+    sdpa: str = "auto"
     status: str = "ok"
     seconds_per_batch: float | None = None
     images_per_s: float | None = None
@@ -169,10 +171,10 @@ class Bench:
             row.mfu = row.tflops / self.peak_tflops if self.peak_tflops else None
         self.rows.append(row)
 
-    def forward_rows(self, model: Aggregator, mode: str) -> None:
+    def forward_rows(self, model: Aggregator, mode: str, sdpa: str) -> None:
         for size in self.args.sizes:
             for batch in self.args.batches:
-                row = Row("forward", mode, size, batch)
+                row = Row("forward", mode, size, batch, sdpa=sdpa)
                 if self.out_of_time():
                     row.status = "skipped (time budget)"
                     self.rows.append(row)
@@ -185,10 +187,10 @@ class Bench:
                 self.record(row, flops)
                 del images
 
-    def stream_rows(self, model: Aggregator, mode: str) -> None:
+    def stream_rows(self, model: Aggregator, mode: str, sdpa: str) -> None:
         size, frames = self.args.stream_size, self.args.stream_frames
         for batch in self.args.stream_batches:
-            row = Row("stream", mode, size, batch, frames=frames)
+            row = Row("stream", mode, size, batch, frames=frames, sdpa=sdpa)
             if self.out_of_time():
                 row.status = "skipped (time budget)"
                 self.rows.append(row)
@@ -210,6 +212,39 @@ class Bench:
                 row.images_per_s = batch * frames / row.seconds_per_batch
             self.record(row, flops)
             del clip
+
+    def attention_rows(self, size: int) -> None:
+        """Each SDPA kernel alone (no fallback) on the attention shapes of the model at `size`:
+        frame/ViT attention of a B=32 batch and a streamed frame's global attention over k frames
+        (B=16). TFLOP/s = 4 * B * heads * Tq * Tk * head_dim / s."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        t = (size // self.cfg.patch_size) ** 2 + self.cfg.patch_start_idx
+        shapes = [(32, 1), (16, 1), (16, 5), (16, 9)]  # (batch, frames attended)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        for name in ("flash", "cudnn", "efficient"):
+            backend = {
+                "flash": SDPBackend.FLASH_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            }[name]
+            for batch, frames in shapes:
+                row = Row("attention", "sdpa", size, batch, frames=frames, sdpa=name)
+                if self.out_of_time() or (self.device.type != "cuda" and name != "flash"):
+                    row.status = "skipped"
+                    self.rows.append(row)
+                    continue
+                q = torch.randn(batch, heads, t, head_dim, device=self.device, dtype=dtype)
+                kv = torch.randn(2, batch, heads, frames * t, head_dim, device=self.device, dtype=dtype)
+
+                def attend(q: torch.Tensor = q, kv: torch.Tensor = kv, b: Any = backend) -> torch.Tensor:
+                    with sdpa_kernel([b]):
+                        return torch.nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])
+
+                self.run_row(row, attend)
+                self.record(row, 4.0 * batch * heads * t * frames * t * head_dim)
+                del q, kv
 
     def run_row(self, row: Row, fn: Callable[[], Any]) -> None:
         reset_peak(self.device)
@@ -258,6 +293,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stream-batches", type=ints, default=None, help="streaming batch sizes (default 1,8,16)"
     )
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
+    ap.add_argument(
+        "--sdpa",
+        default="auto",
+        help="comma list of attention-kernel preferences to run each mode under (auto,cudnn,flash)",
+    )
+    ap.add_argument(
+        "--attn-bench", action="store_true", help="time each SDPA kernel alone on the model's shapes"
+    )
     ap.add_argument("--layer", type=int, default=-2, help="layer to compute up to (default -2)")
     ap.add_argument("--weights-dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     ap.add_argument("--modes", default=None, help="comma list of eager,compile (default eager)")
@@ -276,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.modes is None:
         args.modes = "compile" if args.compile else "eager"
     args.modes = [m for m in args.modes.split(",") if m]
+    args.sdpa = [c for c in args.sdpa.split(",") if c]
+    if bad := [c for c in args.sdpa if c not in SDPA_CHOICES]:
+        ap.error(f"unknown --sdpa choice(s) {bad}; use {','.join(SDPA_CHOICES)}")
     if bad := [m for m in args.modes if m not in ("eager", "compile")]:
         ap.error(f"unknown mode(s) {bad}")
     if args.quick:
@@ -321,32 +367,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = model.to(weights_dtype)
         model.image_mean, model.image_std = model.image_mean.float(), model.image_std.float()
 
-        for mode in args.modes:
-            if mode == "compile":
-                args.warmup = max(args.warmup, 2)  # the first call of a new shape compiles
-                import torch._dynamo as dynamo
+        compiled = False
+        if args.attn_bench:
+            bench.attention_rows(args.stream_size)
+        for sdpa in args.sdpa:
+            for mode in args.modes:
+                if mode == "compile":
+                    args.warmup = max(args.warmup, 2)  # the first call of a new shape compiles
+                    import torch._dynamo as dynamo
 
-                # 72 blocks share one code object; every shape is a separate entry.
-                dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
-                with contextlib.suppress(AttributeError):
-                    dynamo.config.accumulated_cache_size_limit = max(
-                        dynamo.config.accumulated_cache_size_limit, 2048
-                    )
-                model.compile_blocks(mode=args.compile_mode)
-            check = {
-                "mode": mode,
-                "weights_dtype": args.weights_dtype,
-                "batch": args.parity_batch,
-                "size": size,
-            }
-            try:
-                check.update(compare(reference, features(model, parity_images, args.layer)))
-            except Exception as exc:
-                check["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            bench.parity.append(check)
-            bench.forward_rows(model, mode)
-            if not args.no_stream:
-                bench.stream_rows(model, mode)
+                    if compiled:
+                        dynamo.reset()  # graphs traced under another kernel preference
+                    else:
+                        # 72 blocks share one code object; every shape is a separate entry.
+                        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+                        with contextlib.suppress(AttributeError):
+                            dynamo.config.accumulated_cache_size_limit = max(
+                                dynamo.config.accumulated_cache_size_limit, 2048
+                            )
+                        model.compile_blocks(mode=args.compile_mode)
+                        compiled = True
+                check = {
+                    "mode": mode,
+                    "sdpa": sdpa,
+                    "weights_dtype": args.weights_dtype,
+                    "batch": args.parity_batch,
+                    "size": size,
+                }
+                model.set_attention_kernel(sdpa)
+                try:
+                    check.update(compare(reference, features(model, parity_images, args.layer)))
+                except Exception as exc:
+                    check["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                bench.parity.append(check)
+                bench.forward_rows(model, mode, sdpa)
+                if not args.no_stream:
+                    bench.stream_rows(model, mode, sdpa)
 
     result = {
         "device": torch.cuda.get_device_name(device)
@@ -385,14 +441,14 @@ def render(result: dict[str, Any]) -> str:
         f"measured bf16 peak: {_fmt(peak)} TFLOP/s",
         f"FLOPs: {result['flop_formula']}",
         "",
-        "| kind | mode | size | batch | frames | images/s | seq/s | ms/batch | peak GiB | TFLOP/s | MFU | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kind | mode | sdpa | size | batch | frames | images/s | seq/s | ms/batch | peak GiB | TFLOP/s | MFU | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         ms = r["seconds_per_batch"] * 1000 if r["seconds_per_batch"] else None
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         lines.append(
-            f"| {r['kind']} | {r['mode']} | {r['size']} | {r['batch']} | {r['frames']} | "
+            f"| {r['kind']} | {r['mode']} | {r.get('sdpa', 'auto')} | {r['size']} | {r['batch']} | {r['frames']} | "
             f"{_fmt(r['images_per_s'])} | {_fmt(r['sequences_per_s'], 2)} | {_fmt(ms)} | "
             f"{_fmt(r['peak_mem_gib'], 2)} | {_fmt(r['tflops'])} | {mfu} | {r['status']} |"
         )
@@ -400,7 +456,7 @@ def render(result: dict[str, Any]) -> str:
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for p in result["parity"]:
         lines.append(
-            f"| {p['mode']} ({p['weights_dtype']}) | {p['size']} | {p['batch']} | "
+            f"| {p['mode']} ({p['weights_dtype']}, sdpa {p.get('sdpa', 'auto')}) | {p['size']} | {p['batch']} | "
             f"{p.get('max_abs_diff', p.get('error', '-'))} | {p.get('cosine', '-')} | {p.get('min_token_cosine', '-')} |"
         )
     lines.append(f"\nelapsed: {result['elapsed_s']:.1f} s")

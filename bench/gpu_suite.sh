@@ -35,35 +35,7 @@ else
     PRECOMPUTE_ARGS=(--images 2000 --seq-items 200 --time-budget 170)
 fi
 
-# step NAME LIMIT_SECONDS COMMAND...: run with a limit (SIGINT first, so Python cleans up),
-# tee into $OUT/NAME.log, record the exit code; never stops the suite.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local left=$((TOTAL - SECONDS))
-    ((limit > left)) && limit=$left
-    if ((limit < 30)); then
-        echo "== $name: skipped, ${left}s left of SUITE_SECONDS=$TOTAL" | tee "$OUT/$name.log"
-        echo "$name skipped 0" >>"$OUT/status.txt"
-        return
-    fi
-    echo "== $name (limit ${limit}s): $*"
-    local start=$SECONDS
-    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - start))s"
-    echo "$name $rc $((SECONDS - start))" >>"$OUT/status.txt"
-}
-
-env_info() {
-    date -u +"%Y-%m-%dT%H:%M:%SZ"
-    nvidia-smi || echo "nvidia-smi unavailable"
-    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| available", torch.cuda.is_available(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'
-    "$PY" -m vggtctl --help >/dev/null && echo "vggtctl CLI imports"
-    echo "cpus: $(nproc)"
-    free -g
-    df -h "$WORK" /tmp /dev/shm 2>/dev/null
-}
+source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
 
 echo "== env"
 env_info 2>&1 | tee "$OUT/env.txt"
@@ -71,17 +43,10 @@ env_info 2>&1 | tee "$OUT/env.txt"
 step forward_eager 150 "$PY" bench/forward_gpu.py "${FORWARD_ARGS[@]}" --modes eager \
     --time-budget 110 --out "$OUT/forward_eager.json"
 
-SMI_PID=""
-trap '[[ -n "$SMI_PID" ]] && kill "$SMI_PID" 2>/dev/null' EXIT
-if command -v nvidia-smi >/dev/null && [[ -z "${BENCH_SMOKE:-}" ]]; then
-    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv,noheader \
-        -lms 500 >"$OUT/gpu_util_precompute.csv" 2>/dev/null &
-    SMI_PID=$!
-fi
+smi_start "$OUT/gpu_util_precompute.csv"
 step precompute 230 "$PY" bench/precompute_gpu.py "${PRECOMPUTE_ARGS[@]}" --workdir "$WORK" \
     --out "$OUT/precompute.json"
-[[ -n "$SMI_PID" ]] && kill "$SMI_PID" 2>/dev/null
-SMI_PID=""
+smi_stop
 rmdir "$WORK" 2>/dev/null
 
 LEFT=$((TOTAL - SECONDS))

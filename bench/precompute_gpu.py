@@ -10,13 +10,22 @@ One run, one process, on generated data (no checkpoint: seeded random weights, `
         force), every image decoded, encoded and written as a sidecar. images/s = encoded /
         Outcome.seconds (the encode phase: loader start to the last write; no model load,
         catalog or plan); also reported over run()'s whole wall clock (model load included).
-  (c)   naive: per image preprocess, one forward at B = 1, `.cpu()`, synchronous torch.save
-        (what the earlier script did), over --naive-images images after 2 untimed ones.
+        Also (b) in steady state: the rate between the moments 10 % and 90 % of the items were
+        written (leaves out starting the decode workers, the first batch, compiling it and the
+        last writes).
+  (c)   naive: per image preprocess, one forward at B = 1, `.cpu()`, synchronous torch.save,
+        over --naive-images images after 2 untimed ones, on the pipeline's encoder run eagerly
+        (bf16 weights, stops after the cached layer): the naive loop around our own model.
+  (c_legacy) the same loop with the model configured as the earlier script ran upstream VGGT:
+        float32 weights under bf16 autocast, every aggregator layer kept (the upstream
+        aggregator returns all of them) and layer -2 picked afterwards; the feature is saved in
+        bf16, like ours (the cheaper choice for the baseline). (a_legacy_b1) is its forward
+        alone at B = 1, to compare with the issue's upstream anchor (~17-21 images/s, H200).
   (d)   sequence: `run` over the episodes tree (layout episodes, context sequence, history
         --history, causal attention), items/s = encoded / Outcome.seconds and frames/s =
         items/s x (history + 1) (every item streams history + 1 frames, padded early on).
   decode: preset.load in this one process (capacity of one decode worker).
-Goals from the issue: b/a >= 0.9 and b/c >= 4. MB/s = sidecar bytes written / encode seconds.
+Goals from the issue: b/a >= 0.9 and b/c >= 4 (reported against c and c_legacy). MB/s = sidecar bytes written / encode seconds.
 Sidecars are written into --workdir (default: a temp folder) and deleted after each phase.
 
 CPU smoke (about half a minute):
@@ -40,6 +49,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,7 +65,9 @@ from vggtctl import precompute
 from vggtctl.demo import make_episode
 from vggtctl.distributed import default_loader_workers, dist_info, usable_cpus
 from vggtctl.failures import read_failures
+from vggtctl.model import load_model, patch_tokens
 from vggtctl.precompute import PrecomputeOptions
+from vggtctl.reporter import Reporter
 
 MODEL_SPECS = {"vggt-1b": "random:vggt-1b", "tiny": "tiny-random"}
 EPISODE_STEPS = 20
@@ -129,6 +141,8 @@ class Row:
     batch: int | None = None
     bytes: int = 0
     peak_mem_gib: float | None = None
+    steady_items_per_s: float | None = None
+    stage_seconds: dict[str, float] | None = None
     status: str = "ok"
 
     @property
@@ -178,16 +192,18 @@ def decode_row(preset: Any, paths: list[str]) -> Row:
     return Row("decode", "preset.load in 1 process", items=len(paths), seconds=time.perf_counter() - started)
 
 
-def naive_row(encoder: Any, preset: Any, paths: list[str], out: Path, warm: int = 2) -> Row:
-    """(c): preprocess, B = 1 forward, .cpu(), synchronous torch.save, one image at a time."""
+def naive_row(
+    key: str, what: str, features: Any, preset: Any, paths: list[str], out: Path, warm: int = 2
+) -> Row:
+    """(c): preprocess, B = 1 forward (`features`), .cpu(), synchronous torch.save, one at a time."""
     out.mkdir(parents=True, exist_ok=True)
-    row = Row("c", "naive: 1 image/forward, .cpu(), torch.save", batch=1)
+    row = Row(key, what, batch=1)
 
     def one(path: str) -> int:
-        pixels = preset.load(path).tensor.unsqueeze(0).to(encoder.device)
-        features = encoder.encode_frames(pixels)[0].cpu()
+        pixels = preset.load(path).tensor.unsqueeze(0)
+        feats = features(pixels)[0].cpu()
         target = out / (Path(path).stem + ".pt")
-        torch.save({"features": features, "image": os.path.basename(path)}, target)
+        torch.save({"features": feats, "image": os.path.basename(path)}, target)
         return target.stat().st_size
 
     for path in paths[:warm]:
@@ -199,6 +215,71 @@ def naive_row(encoder: Any, preset: Any, paths: list[str], out: Path, warm: int 
     row.items = len(timed)
     shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+class LegacyForward:
+    """The earlier script's per-image forward, on our model: float32 weights under bf16 autocast
+    (on CUDA), all aggregator layers kept as the upstream aggregator returns them, layer -2's
+    patch tokens picked afterwards and cast to bf16."""
+
+    def __init__(self, model_spec: str, device: torch.device) -> None:
+        self.model = load_model(model_spec, device=device, dtype=torch.float32).model
+        self.device = device
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            images = pixels.to(self.device).unsqueeze(1)
+            layers = self.model(images, layers=list(range(self.model.depth)))
+            return patch_tokens(layers[-2][:, 0], self.model.patch_start_idx).to(torch.bfloat16)
+
+
+class Timeline(Reporter):
+    """Records (time, items written) at every write: the steady-state rate comes from it."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, int]] = []
+
+    def update(self, encoded: int, failed: int, nbytes: int) -> None:
+        self.points.append((time.perf_counter(), encoded))
+
+    def steady_rate(self, low: float = 0.1, high: float = 0.9) -> float | None:
+        """Items/s between the first moments `low` and `high` of the final count were written."""
+        if not self.points or self.points[-1][1] < 10:
+            return None
+        total = self.points[-1][1]
+        t0, n0 = next((t, n) for t, n in self.points if n >= low * total)
+        t1, n1 = next((t, n) for t, n in self.points if n >= high * total)
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+def guarded(key: str, measure: Any) -> Row:
+    """One measure; an exception becomes the row's status instead of ending the run."""
+    (row,) = guarded_rows(key, lambda: [measure()])
+    return row
+
+
+def guarded_rows(key: str, measure: Any) -> list[Row]:
+    try:
+        return list(measure())
+    except Exception as exc:
+        traceback.print_exc()
+        return [
+            Row(key, "failed", status=("OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}")[:200])
+        ]
+
+
+def guarded_check(check: Any) -> dict[str, Any]:
+    try:
+        return check()
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def free_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def options(args: argparse.Namespace, root: Path, **overrides: Any) -> PrecomputeOptions:
@@ -213,6 +294,7 @@ def options(args: argparse.Namespace, root: Path, **overrides: Any) -> Precomput
         fsync=args.fsync,
         writer_threads=args.writer_threads,
         compile=args.compile,
+        sdpa=args.sdpa,
     )
     base.update(overrides)
     return PrecomputeOptions(**base)
@@ -227,9 +309,10 @@ def pipeline_row(
         key + "_wall", what + ", whole run() incl. model load", frames_per_item=frames, batch=opts.batch_size
     )
     reset_peak(device)
+    timeline = Timeline()
     started = time.perf_counter()
     try:
-        outcome = precompute.run(opts)
+        outcome = precompute.run(opts, timeline)
     except Exception as exc:
         traceback.print_exc()
         row.status = wall.status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
@@ -239,6 +322,8 @@ def pipeline_row(
     row.items = wall.items = outcome.encoded
     row.bytes = wall.bytes = outcome.bytes_written
     row.peak_mem_gib = wall.peak_mem_gib = peak_gib(device)
+    row.steady_items_per_s = timeline.steady_rate()
+    row.stage_seconds = dict(outcome.stage_seconds)
     if outcome.failed or outcome.disk_full or outcome.not_written:
         first = read_failures(opts.root, outcome.run_id)[:1]
         reason = f"{first[0]['stage']}: {first[0]['reason']}"[:200] if first else ""
@@ -246,6 +331,30 @@ def pipeline_row(
             f"{outcome.failed} failed, {outcome.not_written} not written {outcome.disk_full} {reason}".strip()
         )
     return row, wall
+
+
+def recompute_check(opts: PrecomputeOptions, k: int) -> dict[str, Any]:
+    """`verify --recompute k` on what a run wrote (eager, torch's own attention kernel), plus a
+    control: the cosine between the stored features of two different images, to show how far
+    apart a wrong row would be."""
+    from vggtctl import sidecar
+    from vggtctl.recompute import recompute
+
+    plain = PrecomputeOptions(**{**asdict(opts), "compile": False, "sdpa": "auto", "force": False})
+    report = recompute(plain, k, seed=0)
+    cosines = [c.cosine for c in report.checks if c.cosine is not None]
+    diffs = [c.max_abs_diff for c in report.checks if c.max_abs_diff is not None]
+    control = None
+    if len(report.checks) >= 2:
+        a, b = (sidecar.read(c.path).features.double().flatten() for c in report.checks[:2])
+        control = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    return {
+        "checked": len(report.checks),
+        "mismatches": len(report.problems),
+        "min_cosine": min(cosines) if cosines else None,
+        "max_abs_diff": max(diffs) if diffs else None,
+        "control_cosine_two_images": control,
+    }
 
 
 def remove_sidecars(root: Path) -> None:
@@ -279,7 +388,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the encoder for (a), (b), (d); (a_b1) and the naive loop (c) are skipped",
+        help="torch.compile the encoder for (a), (b), (d); (a_b1), (c) and (c_legacy) stay eager",
+    )
+    ap.add_argument("--no-legacy", dest="legacy", action="store_false", help="skip (c_legacy)")
+    ap.add_argument(
+        "--recompute",
+        type=int,
+        default=8,
+        help="items of (b) and (d) re-encoded and compared (verify --recompute)",
+    )
+    ap.add_argument("--seq-eager", action="store_true", help="run (d) eagerly even with --compile")
+    ap.add_argument(
+        "--sdpa", default="auto", help="attention kernel tried first for (a), (b), (d) (auto, cudnn, ...)"
     )
     ap.add_argument(
         "--naive-images",
@@ -316,7 +436,7 @@ def shrink_to_budget(
     """Scale (b), (c) and (d) down so their estimated time fits what is left of the budget."""
     frames = args.history + 1
     est_b = args.images / (0.8 * rate_b) + 10
-    est_c = args.naive_images / (0.7 * rate_1)
+    est_c = args.naive_images / (0.7 * rate_1) * (2 if args.legacy else 1)
     est_d = args.seq_items * frames / (0.5 * rate_b) + 10 if args.seq_items else 0.0
     total = est_b + est_c + est_d
     if total <= left:
@@ -341,47 +461,83 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="vggtctl-bench-", dir=args.workdir))
     notes: list[str] = []
     rows: list[Row] = []
+    checks: dict[str, Any] = {}
     args.images_limit = args.images
     try:
         gen = generate(workdir, args)
         paths = gen.pop("paths")
         clock = Clock(device)
 
-        # (a) and (c) share the pipeline's own encoder, built exactly as run() builds it.
+        # (a): the encoder exactly as run() builds it (compiled with --compile).
         t0 = time.perf_counter()
         encoder, preset = precompute.build_encoder(options(args, workdir / "plain"), "none", device)
         model_load_s = time.perf_counter() - t0
         feature_dtype = str(encoder.dtype).removeprefix("torch.")
+        pixels = load_batch(preset, paths[: args.batch_size], args.workers).to(device)
+        rows.append(forward_row(encoder, pixels, clock, args, "a"))
+        rate_b = rows[-1].items_per_s or 1.0
+        del encoder
+        free_device(device)
+
+        # The eager encoder: (a_b1) and the naive loop (c) around our own model.
+        eager, preset = precompute.build_encoder(
+            options(args, workdir / "plain", compile=False, sdpa="auto"), "none", device
+        )
         sample = preset.load(paths[0])
-        bytes_per_item = precompute.estimate_sidecar_bytes(encoder, preset, paths[0])
+        bytes_per_item = precompute.estimate_sidecar_bytes(eager, preset, paths[0])
         free = shutil.disk_usage(workdir).free
         if bytes_per_item * args.images > 0.9 * free:
             args.images_limit = max(args.batch_size, int(0.9 * free / bytes_per_item))
             notes.append(f"disk: {free / 1e9:.1f} GB free; (b) limited to {args.images_limit} images")
-
         rows.append(decode_row(preset, paths[: min(len(paths), 16)]))
-        pixels = load_batch(preset, paths[: args.batch_size], args.workers).to(device)
-        rows.append(forward_row(encoder, pixels, clock, args, "a"))
-        if not args.compile:  # a compiled encoder would recompile for B=1
-            rows.append(forward_row(encoder, pixels[:1].clone(), clock, args, "a_b1"))
-        del pixels
-        rate_b = rows[rows.index(next(r for r in rows if r.key == "a"))].items_per_s or 1.0
-        rate_1 = rows[-1].items_per_s or 1.0 if not args.compile else rate_b
+        rows.append(forward_row(eager, pixels[:1].clone(), clock, args, "a_b1"))
+        rate_1 = rows[-1].items_per_s or 1.0
         shrink_to_budget(args, deadline - time.monotonic(), rate_b, rate_1, notes)
+        naive_paths = paths[: min(len(paths), args.naive_images + 2)]
+        rows.append(
+            guarded(
+                "c",
+                lambda features=eager.encode_frames: naive_row(
+                    "c",
+                    "naive: 1 image/forward, .cpu(), torch.save (our encoder, eager)",
+                    features,
+                    preset,
+                    naive_paths,
+                    workdir / "naive",
+                ),
+            )
+        )
+        del eager
+        free_device(device)
 
-        if not args.compile:
-            naive_paths = paths[: min(len(paths), args.naive_images + 2)]
-            try:
-                rows.append(naive_row(encoder, preset, naive_paths, workdir / "naive"))
-            except Exception as exc:
-                traceback.print_exc()
-                rows.append(Row("c", "naive loop", status=f"error: {type(exc).__name__}: {exc}"[:200]))
-        del encoder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        # The earlier script's configuration of the same loop (see LegacyForward).
+        def legacy_rows(one: torch.Tensor) -> list[Row]:
+            legacy = LegacyForward(MODEL_SPECS[args.model], device)
+            forward = forward_row(
+                SimpleNamespace(encode_frames=legacy, device=device),
+                one,
+                clock,
+                args,
+                "a_legacy_b1",
+            )
+            loop = naive_row(
+                "c_legacy",
+                "naive loop as the earlier script: fp32 weights + bf16 autocast, all layers kept",
+                legacy,
+                preset,
+                naive_paths,
+                workdir / "naive",
+            )
+            return [forward, loop]
+
+        if args.legacy:
+            rows += guarded_rows("c_legacy", lambda one=pixels[:1].clone(): legacy_rows(one))
+        del pixels
+        free_device(device)
 
         plain = options(args, workdir / "plain", layout="plain", context="none", limit=args.images_limit)
         rows += pipeline_row("b", "precompute run(), plain, context none", plain, 1, device)
+        checks["b"] = guarded_check(lambda: recompute_check(plain, args.recompute))
         remove_sidecars(workdir / "plain")
 
         if args.seq_items:
@@ -393,10 +549,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 max_history=args.history,
                 batch_size=args.seq_batch_size,
                 limit=args.seq_items,
+                compile=args.compile and not args.seq_eager,
             )
             rows += pipeline_row(
                 "d", f"precompute run(), episodes, history {args.history}", seq, args.history + 1, device
             )
+            checks["d"] = guarded_check(lambda: recompute_check(seq, args.recompute))
             remove_sidecars(workdir / "episodes")
     finally:
         if not args.keep:
@@ -404,11 +562,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     by_key = {r.key: r for r in rows}
 
-    def ratio(a: str, b: str) -> float | None:
+    def ratio(a: str, b: str, steady: bool = False) -> float | None:
         x, y = by_key.get(a), by_key.get(b)
-        if x is None or y is None or not x.items_per_s or not y.items_per_s:
+        top = (x.steady_items_per_s if steady else x.items_per_s) if x else None
+        if not top or y is None or not y.items_per_s:
             return None
-        return x.items_per_s / y.items_per_s
+        return top / y.items_per_s
 
     result = {
         "device": torch.cuda.get_device_name(device)
@@ -433,8 +592,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_load_s": model_load_s,
         "generate": gen,
         "rows": [r.to_dict() for r in rows],
-        "ratios": {"b/a": ratio("b", "a"), "b/c": ratio("b", "c")},
-        "goals": {"b/a": 0.9, "b/c": 4.0},
+        "sdpa": args.sdpa,
+        "compile": args.compile,
+        "ratios": {
+            "b/a": ratio("b", "a"),
+            "b_steady/a": ratio("b", "a", steady=True),
+            "b/c": ratio("b", "c"),
+            "b/c_legacy": ratio("b", "c_legacy"),
+        },
+        "goals": {"b/a": 0.9, "b_steady/a": 0.9, "b/c": 4.0, "b/c_legacy": 4.0},
+        "recompute_checks": checks,
         "notes": notes,
         "elapsed_s": time.monotonic() - started,
         "argv": sys.argv[1:] if argv is None else argv,
@@ -452,15 +619,17 @@ def render(result: dict[str, Any]) -> str:
         f"| preset {r['preset']} ({r['image_size'][0]}x{r['image_size'][1]} -> {r['input_hw'][1]}x{r['input_hw'][0]}, "
         f"grid {r['grid_hw'][0]}x{r['grid_hw'][1]}) | {r['dtype']} | batch {r['batch_size']} "
         f"(sequence {r['seq_batch_size']}) | decode workers {r['decode_workers']} | writer threads "
-        f"{r['writer_threads']} | sidecar {r['bytes_per_sidecar'] / MB:.2f} MB | model load {r['model_load_s']:.1f} s",
+        f"{r['writer_threads']} | sidecar {r['bytes_per_sidecar'] / MB:.2f} MB | model load {r['model_load_s']:.1f} s "
+        f"| compile {r['compile']} | sdpa {r['sdpa']}",
         "",
-        "| measure | what | batch | items | seconds | items/s | frames/s | MB/s | peak GiB | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| measure | what | batch | items | seconds | items/s | steady items/s | frames/s | MB/s | peak GiB | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in r["rows"]:
         lines.append(
             f"| {row['key']} | {row['what']} | {row['batch'] or '-'} | {row['items']} | "
-            f"{_fmt(row['seconds'], 2)} | {_fmt(row['items_per_s'])} | {_fmt(row['frames_per_s'])} | "
+            f"{_fmt(row['seconds'], 2)} | {_fmt(row['items_per_s'])} | {_fmt(row['steady_items_per_s'])} | "
+            f"{_fmt(row['frames_per_s'])} | "
             f"{_fmt(row['mb_per_s'])} | {_fmt(row['peak_mem_gib'], 2)} | {row['status']} |"
         )
     lines.append("")
@@ -473,6 +642,11 @@ def render(result: dict[str, Any]) -> str:
         f"generated {g['plain_images']} images (mean {g['plain_mean_kb']:.0f} kB) and {g['episodes']} "
         f"episodes x {g['episode_steps']} steps in {g['seconds']:.1f} s"
     )
+    for row in r["rows"]:
+        if row.get("stage_seconds"):
+            lines.append(f"encode loop of ({row['key']}), seconds per stage: {row['stage_seconds']}")
+    for name, check in r.get("recompute_checks", {}).items():
+        lines.append(f"recompute check of ({name}): {check}")
     lines += [f"note: {n}" for n in r["notes"]]
     lines.append(f"elapsed: {r['elapsed_s']:.1f} s")
     return "\n".join(lines)

@@ -124,6 +124,7 @@ def test_tiny_random_encoder_end_to_end():
         ({"layer": 5}, "out of range"),
         ({"attention": "full", "evict_start": 1, "evict_recent": 2}, "causal"),
         ({"attention": "causal", "evict_start": -1, "evict_recent": 2}, ">= 0"),
+        ({"sdpa": "fa4"}, "attention kernel 'fa4'"),
     ],
 )
 def test_bad_settings(loaded, kwargs, match):
@@ -179,3 +180,62 @@ def test_distinct_frames_maps_every_item_onto_its_frames():
     for row, sample in enumerate(batch):
         assert torch.equal(staging[index[row]], sample.pixels)
     assert torch.count_nonzero(staging[4:]) == 0
+
+
+@pytest.mark.parametrize("choice", ["cudnn", "flash", "efficient", "math"])
+def test_every_attention_kernel_choice_gives_the_golden_features(loaded, inputs, choice):
+    # On the CPU torch falls back past the CUDA-only kernels: the choice must never break a run.
+    try:
+        out = encoder(loaded, sdpa=choice).encode_frames(inputs["single_b2"][:, 0])
+    finally:
+        loaded.model.set_attention_kernel("auto")  # the fixture's model is shared
+    assert_close(out, load_file(DATA / "full_outputs.safetensors")["features_layer_m2"][:, 0])
+
+
+def test_encoder_sets_the_kernel_preference_on_every_attention_layer(loaded):
+    from torch.nn.attention import SDPBackend
+
+    from vggtctl.model.layers import Attention
+
+    try:
+        encoder(loaded, sdpa="cudnn")
+        layers = [m for m in loaded.model.modules() if isinstance(m, Attention)]
+        assert len(layers) == 2 * loaded.config.depth + loaded.config.vit.depth
+        assert all(m.kernel_order[0] == SDPBackend.CUDNN_ATTENTION for m in layers)
+    finally:
+        loaded.model.set_attention_kernel("auto")
+    assert all(m.kernel_order is None for m in layers)
+
+
+def test_attend_sets_the_preference_inside_and_restores_it(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    from vggtctl.model import sdpa
+
+    seen = []
+
+    def spy(q, k, v):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return q
+
+    before = list(torch._C._get_sdp_priority_order())
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    q = torch.zeros(1, 1, 2, 4)
+    sdpa.attend(q, q, q, sdpa.kernel_order("cudnn"))
+    sdpa.attend(q, q, q, sdpa.kernel_order("auto"))
+    assert seen == [int(SDPBackend.CUDNN_ATTENTION), before[0]]
+    assert list(torch._C._get_sdp_priority_order()) == before
+
+
+def test_the_kernel_preference_traces_into_a_compiled_graph(loaded, inputs):
+    # The preference must live inside the traced code (a context around a compiled call is not
+    # seen by graphs already traced); fullgraph=True fails on a graph break.
+    import torch._dynamo
+
+    block = build_model(get_config("tiny"), "cpu").global_blocks[0].eval()
+    block.attn.set_kernel("cudnn")
+    x = torch.randn(1, 6, block.norm1.normalized_shape[0])
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), block(x), atol=1e-5)

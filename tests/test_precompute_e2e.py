@@ -6,6 +6,7 @@ test builds itself."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import threading
@@ -35,6 +36,7 @@ from vggtctl.cli.app import app
 from vggtctl.errors import ConfigError
 from vggtctl.keys import FeatureKey
 from vggtctl.precompute import run
+from vggtctl.precompute.stages import STAGES
 
 
 def _key(outcome) -> FeatureKey:
@@ -56,6 +58,11 @@ def test_episodes_every_item_valid_rerun_encodes_nothing_force_all(tmp_path):
 
     key = _key(first)
     assert manifest.load(tmp_path).current_key == key
+    # where the loop's time went: every stage accounted, none longer than the run
+    assert set(first.stage_seconds) == set(STAGES)
+    assert all(v >= 0 for v in first.stage_seconds.values())
+    assert sum(first.stage_seconds.values()) <= first.seconds + 0.05
+    assert gc.get_freeze_count() == 0  # the loop froze the long-lived heap and gave it back
     assert key.context.kind == "sequence"
     items = catalog_items(tmp_path, max_history=2)
     assert verdicts(items, key) == {"valid": len(images)}
@@ -154,6 +161,12 @@ def test_dry_run_writes_nothing_and_json_is_one_document(tmp_path):
     sizes = [os.path.getsize(p) for p in sidecars_under(tmp_path)]
     assert abs(plan["bytes_per_item"] - max(sizes)) / max(sizes) < 0.05
 
+    assert set(done["stage_seconds"]) == set(STAGES)
+    assert manifest.load(tmp_path).runs[-1]["stage_seconds"] == done["stage_seconds"]
+
+    result = _invoke(str(tmp_path), "--max-history", "2", "--force")
+    assert result.exit_code == 0 and "bound by" in result.stdout  # the summary reads the stages
+
     result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
     assert result.exit_code == 0
     for label in ("items", "already valid", "to encode", "projected bytes", "projected time"):
@@ -179,7 +192,9 @@ def test_empty_root_says_so(tmp_path):
     assert "no items found" in result.stderr
 
 
-@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"]])
+@pytest.mark.parametrize(
+    "bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"], ["--sdpa", "fa4"]]
+)
 def test_bad_options_exit_2_with_one_line(tmp_path, bad):
     episodes_tree(tmp_path, episodes=1, steps=2)
     result = _invoke(str(tmp_path), *bad)

@@ -188,9 +188,11 @@ def test_writer_bounds_pending_bytes(monkeypatch):
     thread = threading.Thread(target=third)
     thread.start()
     assert not third_returned.is_set()  # blocked: the budget is spent until a write finishes
+    time.sleep(0.05)
     gate.release()  # "a" or "b" completes
     thread.join()
     assert third_returned.is_set()
+    assert writer.blocked_seconds >= 0.04  # the back-pressure is measured (stage "wait_writers")
     gate.release()
     gate.release()
     writer.close()
@@ -401,3 +403,59 @@ def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tm
     # and the recorded image key is that fresh stat
     for item, done in zip(items, prepared, strict=True):
         assert done.meta["image"]["size"] == os.path.getsize(item.image)
+
+
+def test_stage_clock_moves_writer_back_pressure_out_of_handoff():
+    from vggtctl.precompute.stages import STAGES, StageClock
+
+    clock = StageClock()
+    with clock("handoff"):
+        time.sleep(0.02)
+    with clock("wait_model"):
+        pass
+    report = clock.report(writer_blocked=0.015)
+    assert set(report) == set(STAGES)
+    assert report["wait_writers"] == 0.015
+    assert 0.0 <= report["handoff"] <= clock.seconds["handoff"] - 0.015 + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        ({"wait_model": 9.0, "wait_decode": 1.0}, "model-bound"),
+        ({"wait_model": 2.0, "wait_decode": 5.0, "stage": 3.0}, "decoding"),
+        ({"wait_model": 2.0, "wait_writers": 4.0, "handoff": 4.0}, "writes"),
+        ({"wait_model": 1.0, "stage": 5.0, "launch": 4.0}, "host-bound"),
+        ({}, None),
+    ],
+)
+def test_bottleneck_reading(seconds, expected):
+    from vggtctl.precompute.stages import bottleneck
+
+    reading = bottleneck(seconds)
+    assert (reading is None) if expected is None else (expected in reading)
+
+
+def test_submit_copy_writes_what_the_row_held_and_reuses_buffers(monkeypatch):
+    written = {}
+
+    def write(path, features, meta, fsync=False):
+        written[path] = features.clone()  # what the writer would have serialised
+        return features.numel()
+
+    monkeypatch.setattr(sidecar, "write", write)
+    writer = SidecarWriter(_Recorder(), threads=2)
+    batch = torch.zeros(4, 3, 5)
+    for step in range(10):
+        batch.copy_(torch.arange(60.0).view(4, 3, 5) + 100 * step)
+        for row in range(4):
+            writer.submit_copy(f"{step}-{row}", batch[row], _meta(), (step, row))
+        batch.fill_(-1)  # the caller reuses its batch buffer at once
+        time.sleep(0.01)
+    writer.close()
+    assert len(written) == 40
+    for step in range(10):
+        for row in range(4):
+            expected = torch.arange(60.0).view(4, 3, 5)[row] + 100 * step
+            assert torch.equal(written[f"{step}-{row}"], expected)
+    assert writer._rows.allocated < 40  # buffers came back to the pool and were reused

@@ -21,6 +21,7 @@ from torch import Tensor
 from vggtctl.errors import ConfigError
 from vggtctl.keys import ContextSettings, FeatureKey, ModelKey
 from vggtctl.model import ATTENTION_MODES, LoadedModel, patch_tokens, resolve_layer
+from vggtctl.model.sdpa import check_sdpa
 from vggtctl.model.streaming import check_eviction
 
 
@@ -53,11 +54,13 @@ class Encoder:
         device: str | torch.device = "cuda",
         evict_start: int | None = None,
         evict_recent: int | None = None,
+        sdpa: str = "auto",
     ) -> None:
         if attention not in ATTENTION_MODES:
             raise ConfigError(f"attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
         try:
             window = check_eviction(evict_start, evict_recent)
+            self.sdpa = check_sdpa(sdpa)
             self.layer = resolve_layer(int(layer), loaded_model.config.depth)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -74,6 +77,7 @@ class Encoder:
         self.evict_recent = evict_recent
         self._evicting = window is not None
         self.model = loaded_model.model.to(self.device).eval()
+        self.model.set_attention_kernel(self.sdpa)
 
     @property
     def embed_dim(self) -> int:

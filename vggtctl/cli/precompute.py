@@ -138,6 +138,10 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
     table.add_row("rate", f"{outcome.rate:.2f} items/s")
     if outcome.ranks > 1:
         table.add_row("ranks", str(outcome.ranks))
+    from vggtctl.precompute.stages import bottleneck
+
+    if outcome.encoded and (reading := bottleneck(outcome.stage_seconds)):
+        table.add_row("bound by", reading)
     if outcome.failed:
         table.add_row("failures listed in", str(failures_path(root)))
     return table
@@ -210,6 +214,11 @@ def register(app: typer.Typer) -> None:
         compile_model: bool = typer.Option(
             False, "--compile", help="torch.compile the model blocks on GPU (~1 min warm-up, ~1.5x faster)."
         ),
+        sdpa: str | None = typer.Option(
+            None,
+            "--sdpa",
+            help="Attention kernel tried first: auto | cudnn | flash | efficient | math (speed only).",
+        ),
         chunk_items: int | None = typer.Option(
             None,
             "--chunk-items",
@@ -228,6 +237,7 @@ def register(app: typer.Typer) -> None:
 
           torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
         """
+        from vggtctl.model.sdpa import check_sdpa
         from vggtctl.precompute import CHUNK_ITEMS, PrecomputeInterrupted, PrecomputeOptions, run
 
         config = find_config(root)
@@ -272,6 +282,7 @@ def register(app: typer.Typer) -> None:
                 allow_download=allow_download,
                 fsync=fsync,
                 compile=compile_model,
+                sdpa=check_sdpa(str(pick("sdpa", sdpa, config, "precompute", "auto"))),
                 chunk_items=int(pick("chunk_items", chunk_items, config, "precompute", CHUNK_ITEMS)),
             )
         except (ValueError, VggtctlError) as err:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vggtctl.model.config import AggregatorConfig
-from vggtctl.model.layers import Block
+from vggtctl.model.layers import Attention, Block
 from vggtctl.model.patch_embed import DinoViT
 from vggtctl.model.rope import Rope2D
 from vggtctl.model.streaming import StreamState
@@ -85,6 +85,12 @@ class Aggregator(nn.Module):
             device = torch.device("cpu")
         self.image_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.image_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def set_attention_kernel(self, name: str) -> None:
+        """Prefer `name`'s SDPA kernel in every attention layer (see vggtctl.model.sdpa)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_kernel(name)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile every transformer block, and the cached (streaming) path of global blocks.

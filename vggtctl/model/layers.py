@@ -8,10 +8,10 @@ and `scaled_dot_product_attention`. Parameter names follow the reference state d
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vggtctl.model.rope import apply_rope
+from vggtctl.model.sdpa import attend, kernel_order
 
 RopeTables = tuple[Tensor, Tensor]
 KVPair = tuple[Tensor, Tensor]
@@ -41,7 +41,7 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def frame_causal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int) -> Tensor:
+def frame_causal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, order: list | None = None) -> Tensor:
     """Attention where the queries of frame i see the keys of frames 0..i only.
 
     q, k, v: [B, heads, frames * P, D]. Equivalent to a block-causal mask, but each frame is an
@@ -52,7 +52,7 @@ def frame_causal_attention(q: Tensor, k: Tensor, v: Tensor, frames: int) -> Tens
     for i in range(frames):
         rows = slice(i * per_frame, (i + 1) * per_frame)
         keys = slice(0, (i + 1) * per_frame)
-        outs.append(F.scaled_dot_product_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys]))
+        outs.append(attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], order))
     return torch.cat(outs, dim=2)
 
 
@@ -75,6 +75,11 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.kernel_order: list | None = None  # SDPA kernels to try first; None: torch's order
+
+    def set_kernel(self, name: str) -> None:
+        """Prefer `name`'s attention kernel (vggtctl.model.sdpa); "auto" restores torch's order."""
+        self.kernel_order = kernel_order(name)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[B, N, C] -> q, k, v each [B, heads, N, head_dim] (raw: before norm and RoPE)."""
@@ -96,9 +101,9 @@ class Attention(nn.Module):
             q = apply_rope(q, *rope, frames=frames)
             k = apply_rope(k, *rope, frames=frames)
         if causal and frames > 1:
-            out = frame_causal_attention(q, k, v, frames)
+            out = frame_causal_attention(q, k, v, frames, self.kernel_order)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attend(q, k, v, self.kernel_order)
         return self._merge(out)
 
     def forward_cached(
@@ -120,7 +125,7 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k.flatten(2, 3), v.flatten(2, 3))
+        out = attend(q, k.flatten(2, 3), v.flatten(2, 3), self.kernel_order)
         return self._merge(out), (k, v)
 
 

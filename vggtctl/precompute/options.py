@@ -41,6 +41,7 @@ class PrecomputeOptions:
     allow_download: bool = False
     fsync: bool = False
     compile: bool = False  # torch.compile the blocks (GPU); partial batches are padded to size
+    sdpa: str = "auto"  # attention kernel tried first (vggtctl.model.sdpa); rounding only
     writer_threads: int = 8
     check_workers: int = 16
     chunk_items: int = CHUNK_ITEMS  # items per claim; every process on one root must agree
@@ -80,6 +81,8 @@ class Outcome:
     ranks: int = 1
     per_rank: list[int] = field(default_factory=list)  # encoded per rank (rank order)
     feature_key: dict[str, Any] = field(default_factory=dict)
+    # seconds of the encode loop per stage (vggtctl.precompute.stages); summed over ranks
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:

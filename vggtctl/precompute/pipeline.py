@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -272,6 +273,7 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
             outcome.verify_problems,
             outcome.not_written,
             outcome.disk_full,
+            outcome.stage_seconds,
         ),
         info,
     )
@@ -283,6 +285,10 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
     outcome.not_written = sum(p[5] for p in parts)
     outcome.disk_full = next((p[6] for p in parts if p[6]), "")
     outcome.per_rank = [p[0] for p in parts]
+    stages = {name for p in parts for name in p[7]}
+    outcome.stage_seconds = {
+        name: round(sum(p[7].get(name, 0.0) for p in parts), 3) for name in sorted(stages)
+    }
 
 
 def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey) -> None:
@@ -317,6 +323,7 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
         "per_rank": list(outcome.per_rank),
         "interrupted": outcome.interrupted,
         "disk_full": outcome.disk_full or None,
+        "stage_seconds": dict(outcome.stage_seconds),
     }
     with contextlib.suppress(OSError):
         manifest.record_run(opts.root, entry, key)
@@ -384,8 +391,14 @@ def _encode_all(
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()
     batches = iter(loader)
+    gc.freeze()  # the model, the catalog and torch itself: long-lived, see GpuPipeline.submit
+    clock = pipeline.clock
     try:
-        for loaded in batches:
+        while True:
+            with clock("wait_decode"):
+                loaded = next(batches, None)
+            if loaded is None:
+                break
             for sample in loaded:
                 if isinstance(sample, Failed):
                     progress.fail(sample.failure)
@@ -414,6 +427,8 @@ def _encode_all(
     finally:
         del batches  # stops the decode workers now, not when a traceback lets go of this frame
         writer.close()
+        gc.unfreeze()
+        outcome.stage_seconds = clock.report(writer.blocked_seconds)
         outcome.skipped_claimed = sampler.skipped_claimed
         if writer.disk_full.is_set():
             outcome.disk_full = writer.disk_full_message

@@ -52,6 +52,7 @@ def build_encoder(opts: PrecomputeOptions, context_kind: str, device: torch.devi
         device=device,
         evict_start=opts.evict_start,
         evict_recent=opts.evict_recent,
+        sdpa=opts.sdpa,
     )
     if opts.compile and device.type == "cuda":
         loaded.model.compile_blocks()
