@@ -459,3 +459,64 @@ def test_submit_copy_writes_what_the_row_held_and_reuses_buffers(monkeypatch):
             expected = torch.arange(60.0).view(4, 3, 5)[row] + 100 * step
             assert torch.equal(written[f"{step}-{row}"], expected)
     assert writer._rows.allocated < 40  # buffers came back to the pool and were reused
+
+
+# --------------------------------------------------------------------------- GPU loop, on the CPU
+
+
+class _RowSink:
+    """Stands in for SidecarWriter: records each handed-off row."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.rows: dict[str, torch.Tensor] = {}
+        self.fail_on = fail_on
+
+    def submit_copy(self, path, row, meta, token) -> None:
+        if self.fail_on and self.fail_on in path:
+            raise RuntimeError("handoff broke")
+        self.rows[path] = row.clone()
+
+
+def _gpu_pipeline(tmp_path, sink, n_items, *, thread=True):
+    from types import SimpleNamespace
+
+    from vggtctl.precompute.gpu import GpuPipeline
+
+    items = [Item.from_paths([tmp_path / f"img{i}.jpg"]) for i in range(n_items)]
+    failed, done = [], []
+    progress = SimpleNamespace(fail=failed.append)
+    encoder = SimpleNamespace(encode_frames=lambda x: x.flatten(1) * 2)
+    pipeline = GpuPipeline(
+        encoder, False, torch.device("cpu"), sink, items, progress, done.append, handoff_thread=thread
+    )
+    samples = [
+        SimpleNamespace(index=i, pixels=torch.full((3, 2, 2), float(i)), meta={}) for i in range(n_items)
+    ]
+    return pipeline, samples, failed, done
+
+
+@pytest.mark.parametrize("thread", [True, False])
+def test_gpu_loop_hands_every_row_to_the_writers(tmp_path, thread):
+    sink = _RowSink()
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 10, thread=thread)
+    for start in range(0, 10, 3):
+        pipeline.submit(samples[start : start + 3])
+    pipeline.flush()
+    pipeline.stop()
+    assert failed == [] and len(sink.rows) == 10
+    for i in range(10):
+        assert torch.equal(
+            sink.rows[sidecar.sidecar_path(tmp_path / f"img{i}.jpg")], torch.full((12,), 2.0 * i)
+        )
+
+
+def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path):
+    sink = _RowSink(fail_on="img4")
+    pipeline, samples, failed, done = _gpu_pipeline(tmp_path, sink, 6)
+    pipeline.submit(samples[:3])
+    pipeline.submit(samples[3:6])  # img3 is handed off, img4 breaks: img4 and img5 fail
+    with pytest.raises(RuntimeError, match="handoff broke"):
+        pipeline.flush()
+    pipeline.stop()
+    assert sorted(os.path.basename(f.path) for f in failed) == ["img4.jpg", "img5.jpg"]
+    assert sorted(done) == [4, 5] and len(sink.rows) == 4

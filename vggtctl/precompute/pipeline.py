@@ -426,6 +426,7 @@ def _encode_all(
         raise
     finally:
         del batches  # stops the decode workers now, not when a traceback lets go of this frame
+        pipeline.stop()  # queued batches are handed off first
         writer.close()
         gc.unfreeze()
         outcome.stage_seconds = clock.report(writer.blocked_seconds)

@@ -1,11 +1,11 @@
 """Where the encode loop's time goes: the evidence for "the GPU never waits" (or against it).
 
-The main loop of a rank does, per batch: wait for decoded samples, stage them into pinned
-memory, launch the copy and the forward, wait for the previous batch's features, and hand
-those rows to the writer pool (blocking when the writers are `max_pending_bytes` behind).
-While it waits for the model, the model is the bottleneck, which is the goal; time spent
-waiting for decode workers or writers is time the GPU may have stood idle. On the CPU the
-forward runs inside the launch, so it is counted as waiting for the model.
+Per batch a rank waits for decoded samples, stages them into pinned memory and launches the
+copy and the forward; then (on CUDA in a handoff thread, see gpu.py) it waits for the
+features and hands the rows to the writer pool, which blocks when the writers are
+`max_pending_bytes` behind. While it waits for the model, the model is the bottleneck, which
+is the goal; time spent waiting for decode workers or writers is time the GPU may have stood
+idle. On the CPU the forward runs inside the launch, so it is counted as waiting for the model.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-STAGES = ("wait_decode", "stage", "launch", "wait_model", "handoff", "wait_writers")
+# The launching thread: wait_decode, stage, launch, wait_handoff (the handoff queue is full).
+# The handoff (a thread of its own on CUDA): wait_model, handoff (row copies), wait_writers.
+STAGES = ("wait_decode", "stage", "launch", "wait_handoff", "wait_model", "handoff", "wait_writers")
 STARVED_BY = ("wait_decode", "wait_writers")
 
 
@@ -42,7 +44,8 @@ class StageClock:
 
 def bottleneck(stage_seconds: dict[str, float]) -> str | None:
     """A one-line reading of the stage times: what held the run back, if anything did."""
-    total = sum(stage_seconds.values())
+    # wait_handoff is the launching thread waiting on the handoff, whose own stages say why
+    total = sum(v for k, v in stage_seconds.items() if k != "wait_handoff")
     if total <= 0:
         return None
     share = {name: stage_seconds.get(name, 0.0) / total for name in STAGES}
