@@ -246,6 +246,42 @@ class Bench:
                 self.record(row, 4.0 * batch * heads * t * frames * t * head_dim)
                 del q, kv
 
+    def kernel_choice(self, size: int) -> list[dict[str, Any]]:
+        """Which kernel SDPA runs under the "cudnn" preference, for contiguous q/k/v and for the
+        model's layout (q, k contiguous after norm and RoPE; v a view into the packed qkv
+        projection): the preferred call's output is compared bit for bit with each kernel's."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from vggtctl.model.sdpa import attend, kernel_order
+
+        if self.device.type != "cuda":
+            return []
+        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        t = (size // self.cfg.patch_size) ** 2 + self.cfg.patch_start_idx
+        qkv = torch.randn(8, t, 3, heads, head_dim, device=self.device, dtype=torch.bfloat16)
+        packed = qkv.permute(2, 0, 3, 1, 4)
+        layouts = {
+            "contiguous": (packed[0].contiguous(), packed[1].contiguous(), packed[2].contiguous()),
+            "model": (packed[0].contiguous(), packed[1].contiguous(), packed[2]),
+        }
+        results = []
+        for name, (q, k, v) in layouts.items():
+            entry: dict[str, Any] = {"layout": name}
+            outputs = {}
+            for kernel, backend in (
+                ("flash", SDPBackend.FLASH_ATTENTION),
+                ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ):
+                try:
+                    with sdpa_kernel([backend]):
+                        outputs[kernel] = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                except Exception as exc:
+                    entry[f"{kernel}_error"] = f"{type(exc).__name__}: {exc}"[:160]
+            preferred = attend(q, k, v, kernel_order("cudnn"))
+            entry["preferred_equals"] = [kn for kn, out in outputs.items() if torch.equal(out, preferred)]
+            results.append(entry)
+        return results
+
     def run_row(self, row: Row, fn: Callable[[], Any]) -> None:
         reset_peak(self.device)
         try:
@@ -368,8 +404,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.image_mean, model.image_std = model.image_mean.float(), model.image_std.float()
 
         compiled = False
+        kernel_choice: list[dict[str, Any]] = []
         if args.attn_bench:
             bench.attention_rows(args.stream_size)
+            try:
+                kernel_choice = bench.kernel_choice(args.stream_size)
+            except Exception as exc:
+                kernel_choice = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
         for sdpa in args.sdpa:
             for mode in args.modes:
                 if mode == "compile":
@@ -418,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flop_formula": FLOP_FORMULA,
         "rows": [asdict(r) for r in bench.rows],
         "parity": bench.parity,
+        "kernel_choice": kernel_choice,
         "elapsed_s": time.monotonic() - started,
         "argv": sys.argv[1:] if argv is None else argv,
     }
@@ -459,6 +501,8 @@ def render(result: dict[str, Any]) -> str:
             f"| {p['mode']} ({p['weights_dtype']}, sdpa {p.get('sdpa', 'auto')}) | {p['size']} | {p['batch']} | "
             f"{p.get('max_abs_diff', p.get('error', '-'))} | {p.get('cosine', '-')} | {p.get('min_token_cosine', '-')} |"
         )
+    for choice in result.get("kernel_choice", []):
+        lines.append(f"kernel under the cudnn preference: {choice}")
     lines.append(f"\nelapsed: {result['elapsed_s']:.1f} s")
     return "\n".join(lines)
 

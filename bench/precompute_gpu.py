@@ -458,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available (use --device cpu for a smoke run)")
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)  # a missing parent cost a device run once
     workdir = Path(tempfile.mkdtemp(prefix="vggtctl-bench-", dir=args.workdir))
     notes: list[str] = []
     rows: list[Row] = []

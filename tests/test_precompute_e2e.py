@@ -192,9 +192,7 @@ def test_empty_root_says_so(tmp_path):
     assert "no items found" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"], ["--sdpa", "fa4"]]
-)
+@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"]])
 def test_bad_options_exit_2_with_one_line(tmp_path, bad):
     episodes_tree(tmp_path, episodes=1, steps=2)
     result = _invoke(str(tmp_path), *bad)

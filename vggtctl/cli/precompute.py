@@ -214,11 +214,6 @@ def register(app: typer.Typer) -> None:
         compile_model: bool = typer.Option(
             False, "--compile", help="torch.compile the model blocks on GPU (~1 min warm-up, ~1.5x faster)."
         ),
-        sdpa: str | None = typer.Option(
-            None,
-            "--sdpa",
-            help="Attention kernel tried first: auto | cudnn | flash | efficient | math (speed only).",
-        ),
         chunk_items: int | None = typer.Option(
             None,
             "--chunk-items",
@@ -237,7 +232,6 @@ def register(app: typer.Typer) -> None:
 
           torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
         """
-        from vggtctl.model.sdpa import check_sdpa
         from vggtctl.precompute import CHUNK_ITEMS, PrecomputeInterrupted, PrecomputeOptions, run
 
         config = find_config(root)
@@ -282,7 +276,6 @@ def register(app: typer.Typer) -> None:
                 allow_download=allow_download,
                 fsync=fsync,
                 compile=compile_model,
-                sdpa=check_sdpa(str(pick("sdpa", sdpa, config, "precompute", "auto"))),
                 chunk_items=int(pick("chunk_items", chunk_items, config, "precompute", CHUNK_ITEMS)),
             )
         except (ValueError, VggtctlError) as err:

@@ -1,11 +1,15 @@
 """Which fused kernel `scaled_dot_product_attention` tries first: a speed knob, never a numerics one.
 
-torch tries flash, then memory-efficient, then math, then cuDNN. On an H200, cuDNN's fused
-attention runs VGGT's attention shapes (64-wide heads, 2,121 tokens per frame) at 1.37-1.39x the
-FLOP rate of flash attention (docs/performance.md), so "cudnn" puts it first; torch still falls
-back down the list where a kernel does not support the inputs (on the CPU every choice ends in
-the same CPU kernels). Every kernel computes the same softmax attention and they differ only in
-rounding, so the choice is not part of the feature key.
+torch tries flash, then memory-efficient, then math, then cuDNN. Measured alone on an H200
+(torch 2.11, cuDNN 9.19), cuDNN's fused attention runs VGGT's attention shapes (64-wide heads,
+2,121 tokens per frame at 644x644) at 1.37-1.39x the FLOP rate of flash attention; "cudnn"
+puts it first, and torch still falls back down the list where a kernel does not take the
+inputs (on the CPU every choice ends in the same CPU kernels). Every kernel computes the same
+softmax attention and they differ only in rounding, so the choice is not part of the feature key.
+
+Inside the model the preference has not yet paid off: with "cudnn" the forward gave the same
+output bits and speed as "auto", eager and compiled, so torch kept choosing flash there
+(docs/performance.md). That is why no command exposes it; the encoder and the benchmarks do.
 
 The preference is applied around each attention call inside the model (`attend`), not around
 the whole forward: torch.compile then traces it into the graph (a preference set outside a
