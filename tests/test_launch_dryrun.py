@@ -249,3 +249,14 @@ def test_emit_scripts_flag_writes_and_runs_nothing(app: typer.Typer, tmp_path: P
     assert result.exit_code == 0, result.output
     assert (tmp_path / "train_h800.sh").is_file() and (tmp_path / "train_2node_h800.sh").is_file()
     assert "preflight" not in result.stdout
+
+
+def test_a_misspelled_option_before_the_separator_is_an_error_not_a_trainer_flag(
+    app: typer.Typer, tmp_path: Path
+) -> None:
+    root = launch_tree.make_root(tmp_path, total=2, valid=2)
+    args = ["train", "--data-root", str(root), "--feature-key", KEY_JSON, "--nodse", "2", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--nodse" in result.output and "--nodes" in result.output  # click suggests the option
+    assert "torch.distributed.run" not in result.output  # nothing was planned or launched

@@ -54,6 +54,15 @@ def test_symlinked_folder_is_reported_not_followed(tree: Path) -> None:
     assert summary.total.images == scantree.TOTAL["images"]  # ep2's files counted once
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_link_to_a_folder_named_like_an_image_is_not_an_image(tree: Path, processes: int) -> None:
+    (tree / "ep3" / "frames.jpg").symlink_to(tree / "ep2", target_is_directory=True)
+    (tree / "ep3" / "gone.png").symlink_to(tree / "nowhere.png")  # dangling: not an image either
+    summary = scan.summarize(tree, depth=1, processes=processes)
+    assert _row(summary.total) == scantree.TOTAL
+    assert str(tree / "ep3" / "frames.jpg") in summary.symlinked_dirs
+
+
 def test_private_folder_is_never_scanned(tree: Path) -> None:
     folders = {listing.path for listing in scan.walk(tree, workers=2)}
     assert str(tree / scan.PRIVATE_DIR) not in folders

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from stat import S_ISDIR, S_ISREG
 from typing import Protocol, TypeVar
 
 from vggtctl.distributed import usable_cpus
@@ -119,7 +120,11 @@ def list_dir(path: str) -> DirListing:
                         if len(name) > _SUFFIX_LEN:
                             sidecars[name] = entry.stat(follow_symlinks=False)
                     elif (dot := name.rfind(".")) > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
-                        images[name] = entry.stat()  # is_image_name, inlined
+                        st = entry.stat()  # is_image_name, inlined
+                        if S_ISREG(st.st_mode):
+                            images[name] = st
+                        elif S_ISDIR(st.st_mode):  # a link to a folder that is named like an image
+                            listing.symlinked_dirs.append(prefix + name)
                     elif TEMP_MARK in name:
                         if is_temp_name(name):
                             temps[name] = entry.stat(follow_symlinks=False)

@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "train",
         help=HELP,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        # trainer arguments follow `--`; an unknown option before it is a typo, not a trainer flag
+        context_settings={"allow_extra_args": True},
     )
     def command(
         ctx: typer.Context,
