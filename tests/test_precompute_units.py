@@ -520,3 +520,44 @@ def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path):
     pipeline.stop()
     assert sorted(os.path.basename(f.path) for f in failed) == ["img4.jpg", "img5.jpg"]
     assert sorted(done) == [4, 5] and len(sink.rows) == 4
+
+
+def test_failure_lines_are_written_under_a_lock_and_without_one_where_locks_fail(tmp_path, monkeypatch):
+    import fcntl
+
+    from vggtctl import failures as failures_mod
+    from vggtctl.failures import Failure, FailureLog, read_failures
+
+    calls = []
+    real_lockf = fcntl.lockf
+
+    def lockf(fh, op):
+        calls.append(op)
+        if op == fcntl.LOCK_EX and len(calls) > 2:
+            raise OSError(errno.ENOLCK, "No locks available")  # a nolock NFS mount
+        return real_lockf(fh, op)
+
+    monkeypatch.setattr(failures_mod.fcntl, "lockf", lockf)
+    log = FailureLog(tmp_path, "run-1", rank=3)
+    log.add(Failure("a.jpg", "decode", "truncated"))
+    log.add(Failure("b.jpg", "write", "read-only folder"))
+    assert calls == [fcntl.LOCK_EX, fcntl.LOCK_UN, fcntl.LOCK_EX]  # locked; then refused, written anyway
+    records = read_failures(tmp_path, "run-1")
+    assert [(r["path"], r["stage"], r["rank"]) for r in records] == [
+        ("a.jpg", "decode", 3),
+        ("b.jpg", "write", 3),
+    ]
+
+
+def test_concurrent_processes_append_whole_failure_lines(tmp_path):
+    script = (
+        "import sys\n"
+        "from vggtctl.failures import Failure, FailureLog\n"
+        "log = FailureLog(sys.argv[1], 'run', rank=int(sys.argv[2]))\n"
+        "for i in range(200):\n"
+        "    log.add(Failure(f'img{i:04d}-' + 'x' * 300 + '.jpg', 'decode', 'truncated ' * 20))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(r)]) for r in range(4)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    lines = (tmp_path / ".vggtctl" / "failures.jsonl").read_text().splitlines()
+    assert len(lines) == 800 and all(json.loads(line)["stage"] == "decode" for line in lines)

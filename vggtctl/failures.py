@@ -5,12 +5,16 @@ A bad image fails that image, not the run; this file is where the user finds whi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from vggtctl.scan import PRIVATE_DIR
 
@@ -45,11 +49,31 @@ class FailureLog:
             self.count += 1
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # O_APPEND writes of one short line are atomic enough for several ranks.
-                with open(self.path, "a", encoding="utf-8") as fh:
+                with open(self.path, "a", encoding="utf-8") as fh, _locked(fh):
                     fh.write(line)
             except OSError:
                 pass  # the count still reaches the summary and the exit code
+
+
+@contextlib.contextmanager
+def _locked(fh: IO[str]) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on `fh` while writing, where the file system grants one.
+
+    O_APPEND alone keeps a line whole between processes of one host, not between hosts on NFS:
+    each client appends at the end it last saw. Under a lock the NFS client revalidates the
+    size first and flushes on unlock, so ranks on several nodes cannot overwrite each other's
+    lines. Where locks are unavailable (a `nolock` mount) the line is appended without one.
+    """
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+        fh.flush()
+    finally:
+        fcntl.lockf(fh, fcntl.LOCK_UN)
 
 
 def read_failures(root: str | os.PathLike[str], run_id: str | None = None) -> list[dict]:
