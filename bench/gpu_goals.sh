@@ -20,14 +20,8 @@
 # SUITE_SECONDS (default 420) caps the whole script.
 
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
-OUT="${OUT:-$PWD/.benchout}"
-WORK="${BENCH_WORKDIR:-$PWD/.benchwork}"
-TOTAL="${SUITE_SECONDS:-420}"
-mkdir -p "$OUT" "$WORK"
-: >"$OUT/status.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
+suite_setup 420
 
 if [[ -n "${BENCH_SMOKE:-}" ]]; then
     FORWARD_ARGS=(--device cpu --preset tiny --sizes 56 --batches 2 --stream-size 56 --stream-batches 2 --modes eager --quick)
@@ -38,8 +32,6 @@ else
     PRECOMPUTE_ARGS=(--compile --seq-eager --images 2000 --seq-items 200 --time-budget 230)
     SHARED_ARGS=(--device cuda --model random:vggt-1b --items 16)
 fi
-
-source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
 
 echo "== env"
 env_info 2>&1 | tee "$OUT/env.txt"

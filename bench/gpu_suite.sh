@@ -18,14 +18,8 @@
 # SUITE_SECONDS (default 450) caps the whole suite; steps shrink their limits to fit.
 
 set -u -o pipefail
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
-OUT="${OUT:-$PWD/.benchout}"
-WORK="${BENCH_WORKDIR:-$PWD/.benchwork}"
-TOTAL="${SUITE_SECONDS:-450}"
-mkdir -p "$OUT" "$WORK"
-: >"$OUT/status.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
+suite_setup 450
 
 if [[ -n "${BENCH_SMOKE:-}" ]]; then
     FORWARD_ARGS=(--device cpu --preset tiny --sizes 56 --batches 1,2 --quick)
@@ -34,8 +28,6 @@ else
     FORWARD_ARGS=(--sizes 504,644 --batches 1,8,32,64 --stream-size 644 --stream-batches 1,8,16)
     PRECOMPUTE_ARGS=(--images 2000 --seq-items 200 --time-budget 170)
 fi
-
-source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
 
 echo "== env"
 env_info 2>&1 | tee "$OUT/env.txt"

@@ -1,5 +1,17 @@
 # Shared by the device scripts (gpu_suite.sh, gpu_goals.sh); sourced, not run.
-# Expects PY, OUT, WORK and TOTAL (seconds for the whole script) to be set.
+
+# suite_setup DEFAULT_SECONDS: PY (from $PYTHON), OUT (results), WORK (scratch) and TOTAL
+# (seconds for the whole script, from $SUITE_SECONDS); creates OUT, WORK and OUT/status.txt.
+suite_setup() {
+    export PYTHONUNBUFFERED=1
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    PY="${PYTHON:-python}"
+    OUT="${OUT:-$PWD/.benchout}"
+    WORK="${BENCH_WORKDIR:-$PWD/.benchwork}"
+    TOTAL="${SUITE_SECONDS:-$1}"
+    mkdir -p "$OUT" "$WORK"
+    : >"$OUT/status.txt"
+}
 
 # step NAME LIMIT_SECONDS COMMAND...: run with a limit (SIGINT first, so Python cleans up),
 # tee into $OUT/NAME.log, record the exit code; never stops the suite.
