@@ -355,3 +355,19 @@ def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):
     assert json.loads(result.stdout)["encoded"] == 2
     assert "disk is full" in result.stderr and "rerun" in result.stderr
     assert temp_files_under(tmp_path) == []
+
+
+def test_the_threaded_handoff_of_the_gpu_path_writes_every_item(tmp_path, monkeypatch):
+    # On CUDA the rows reach the writers from a handoff thread; run that path on the CPU.
+    import functools
+
+    from vggtctl.precompute import pipeline as pipeline_mod
+    from vggtctl.precompute.gpu import GpuPipeline
+
+    monkeypatch.setattr(pipeline_mod, "GpuPipeline", functools.partial(GpuPipeline, handoff_thread=True))
+    images = episodes_tree(tmp_path)
+    outcome = run(opts(tmp_path, max_history=2, batch_size=2))
+    assert (outcome.encoded, outcome.failed) == (len(images), 0)
+    assert verdicts(catalog_items(tmp_path, max_history=2), _key(outcome)) == Counter(valid=len(images))
+    assert outcome.stage_seconds["handoff"] > 0  # rows went through the handoff
+    assert not [t for t in threading.enumerate() if t.name == "vggtctl-handoff"]  # stopped with the run

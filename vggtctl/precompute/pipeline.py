@@ -422,7 +422,10 @@ def _encode_all(
             pipeline.flush()
     except KeyboardInterrupt:
         stop.set()
-        pipeline.flush()  # the batch already computed is written; a second Ctrl-C skips it
+        # the batches already computed are written (a second Ctrl-C skips them); a failed
+        # handoff was already counted per item and must not turn the interrupt into an error
+        with contextlib.suppress(Exception):
+            pipeline.flush()
         raise
     finally:
         del batches  # stops the decode workers now, not when a traceback lets go of this frame
