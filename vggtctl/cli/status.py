@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from vggtctl.errors import ConfigError
+from vggtctl.errors import EXIT_PARTIAL, ConfigError
 
 if TYPE_CHECKING:
     from vggtctl.status import StatusReport
@@ -80,6 +80,8 @@ def register(app: typer.Typer) -> None:
             render.print_json(report.to_json())
         else:
             show(report)
+        if report.unreadable:  # the counts miss those folders: a partial report
+            raise typer.Exit(EXIT_PARTIAL)
 
 
 def run(
