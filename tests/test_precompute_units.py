@@ -561,3 +561,41 @@ def test_concurrent_processes_append_whole_failure_lines(tmp_path):
     assert all(p.wait(timeout=60) == 0 for p in procs)
     lines = (tmp_path / ".vggtctl" / "failures.jsonl").read_text().splitlines()
     assert len(lines) == 800 and all(json.loads(line)["stage"] == "decode" for line in lines)
+
+
+def test_only_rank_0_walks_the_tree_and_the_others_get_its_catalog(tmp_path, monkeypatch):
+    from precompute_trees import episodes_tree, opts
+
+    from vggtctl.precompute import pipeline as pipeline_mod
+
+    episodes_tree(tmp_path)
+    sent = []
+    monkeypatch.setattr(pipeline_mod, "broadcast_object", lambda value, info: sent.append(value) or value)
+    built = pipeline_mod.shared_catalog(opts(tmp_path, max_history=2), DistInfo(0, 2, 0, 2))
+    assert sent == [("catalog", built)] and len(built.items) > 0
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("rank 1 walked the tree")
+
+    monkeypatch.setattr(pipeline_mod, "load_catalog", no_walk)
+    monkeypatch.setattr(pipeline_mod, "broadcast_object", lambda value, info: ("catalog", built))
+    assert pipeline_mod.shared_catalog(opts(tmp_path), DistInfo(1, 2, 1, 2)) is built
+
+
+def test_rank_0s_catalog_error_stops_every_rank_with_its_message(tmp_path, monkeypatch):
+    from precompute_trees import opts
+
+    from vggtctl.errors import ConfigError
+    from vggtctl.precompute import pipeline as pipeline_mod
+
+    sent = []
+    monkeypatch.setattr(pipeline_mod, "broadcast_object", lambda value, info: sent.append(value) or value)
+    bad = opts(tmp_path, layout="annotations", annotations=[str(tmp_path / "nope.jsonl")])
+    with pytest.raises(ConfigError) as rank0:
+        pipeline_mod.shared_catalog(bad, DistInfo(0, 2, 0, 2))
+    assert sent == [("error", str(rank0.value))]
+
+    monkeypatch.setattr(pipeline_mod, "broadcast_object", lambda value, info: sent[0])
+    with pytest.raises(ConfigError, match="reported by rank 0") as rank1:
+        pipeline_mod.shared_catalog(bad, DistInfo(1, 2, 1, 2))
+    assert str(rank0.value) in str(rank1.value)

@@ -137,26 +137,19 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         raise ConfigError(f"{root}: data root is not a folder")
     if opts.chunk_items < 1:
         raise ConfigError(f"chunk size must be at least 1 item, not {opts.chunk_items}")
-    catalog = load_catalog(
-        root,
-        opts.layout,
-        annotations=opts.annotations,
-        data_path=opts.data_path,
-        max_history=opts.max_history,
-        context=opts.context,
-    )
-    device = pick_device(opts.device, info, opts.devices)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    encoder, preset = build_encoder(opts, catalog.context_kind, device)
-    key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
-    samples = [item.image for item in catalog.items[:3]]
-    plan, items, mine, todo, store = plan_run(
-        opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, samples)
-    )
-    outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
     grouped = init_group(info)
     try:
+        catalog = shared_catalog(opts, info)
+        device = pick_device(opts.device, info, opts.devices)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        encoder, preset = build_encoder(opts, catalog.context_kind, device)
+        key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
+        samples = [item.image for item in catalog.items[:3]]
+        plan, items, mine, todo, store = plan_run(
+            opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, samples)
+        )
+        outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if opts.dry_run:
             if grouped:
                 _merge_plans(outcome, info)
@@ -168,6 +161,41 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     finally:
         if grouped:
             close_group()
+
+
+def shared_catalog(opts: PrecomputeOptions, info: DistInfo) -> Catalog:
+    """The run's catalog: rank 0 walks the tree and the other ranks receive its result.
+
+    DESIGN §8: a tree is never walked twice; eight ranks per node listing one NFS tree at once
+    would multiply the metadata load on the server for an identical result (the shards must be
+    cut from the same catalog anyway). Rank 0's error reaches every rank, so all of them stop
+    with the same message instead of waiting for a catalog that never comes.
+    """
+
+    def build() -> Catalog:
+        return load_catalog(
+            Path(opts.root),
+            opts.layout,
+            annotations=opts.annotations,
+            data_path=opts.data_path,
+            max_history=opts.max_history,
+            context=opts.context,
+        )
+
+    if not info.is_distributed:
+        return build()
+    if info.is_main:
+        try:
+            catalog = build()
+        except Exception as err:
+            broadcast_object(("error", str(err)), info)
+            raise
+        broadcast_object(("catalog", catalog), info)
+        return catalog
+    kind, value = broadcast_object(None, info)
+    if kind == "error":
+        raise ConfigError(f"{value} (reported by rank 0)")
+    return value
 
 
 def _execute(
