@@ -25,9 +25,7 @@ import torch
 from vggtctl import sidecar
 from vggtctl.catalog import Item
 from vggtctl.failures import Failure
-from vggtctl.precompute.loading import (
-    Prepared,
-)
+from vggtctl.precompute.loading import Prepared
 from vggtctl.precompute.stages import StageClock
 
 if TYPE_CHECKING:
@@ -35,7 +33,11 @@ if TYPE_CHECKING:
 
 
 class GpuPipeline:
-    """Launch batch k, then hand batch k-1's features (already copied to host) to the writers."""
+    """Stage and launch each batch; hand its features, once on the host, to the writers.
+
+    `handoff_thread` (default: on CUDA only) moves the handoff to its own thread; without it
+    the handoff of batch k-1 runs inline after batch k is launched.
+    """
 
     def __init__(
         self,
@@ -62,9 +64,8 @@ class GpuPipeline:
         self.launches = 0
         self.copy_streams = _CopyStreams(device) if device.type == "cuda" else None
         self.clock = clock or StageClock()
-        self._handoff: _HandoffThread | None = None
-        if self.copy_streams is not None if handoff_thread is None else handoff_thread:
-            self._handoff = _HandoffThread(self._hand_off)
+        threaded = self.copy_streams is not None if handoff_thread is None else handoff_thread
+        self._handoff = _HandoffThread(self._hand_off, device) if threaded else None
 
     def submit(self, batch: list[Prepared]) -> None:
         first = self.launches == 0
@@ -177,8 +178,9 @@ class _HandoffThread:
     a CUDA fault is never swallowed; the thread goes on with the next batch.
     """
 
-    def __init__(self, hand_off: Callable[[Any], None]) -> None:
+    def __init__(self, hand_off: Callable[[Any], None], device: torch.device) -> None:
         self._hand_off = hand_off
+        self._device = device
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="vggtctl-handoff", daemon=True)
@@ -202,6 +204,10 @@ class _HandoffThread:
             self._thread.join()
 
     def _run(self) -> None:
+        if self._device.type == "cuda" and self._device.index is not None:
+            # a new thread starts on device 0: without this, the CUDA calls it makes (event
+            # waits, freeing pinned buffers) would open a context on GPU 0 for every rank
+            torch.cuda.set_device(self._device)
         while True:
             launched = self._queue.get()
             try:
