@@ -416,6 +416,8 @@ def _encode_all(
     )
     if opts.compile and cuda:
         pipeline.pad_to = batch_size  # one compiled shape: no recompiles for the last, short batch
+        if dist_info().local_rank == 0:  # progress stands still meanwhile: say why, once a node
+            progress.reporter.message("compiling the model on the first batch (about a minute)")
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()
     batches = iter(loader)
