@@ -4,6 +4,7 @@ relaunch exit code, deduplication and chunking."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import socket
@@ -477,6 +478,12 @@ class _RowSink:
         self.rows[path] = row.clone()
 
 
+@pytest.fixture
+def _unfreeze():
+    yield
+    gc.unfreeze()  # GpuPipeline freezes the heap after its first batch; run() gives it back
+
+
 def _gpu_pipeline(tmp_path, sink, n_items, *, thread=True):
     from types import SimpleNamespace
 
@@ -496,7 +503,7 @@ def _gpu_pipeline(tmp_path, sink, n_items, *, thread=True):
 
 
 @pytest.mark.parametrize("thread", [True, False])
-def test_gpu_loop_hands_every_row_to_the_writers(tmp_path, thread):
+def test_gpu_loop_hands_every_row_to_the_writers(tmp_path, thread, _unfreeze):
     sink = _RowSink()
     pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 10, thread=thread)
     for start in range(0, 10, 3):
@@ -510,7 +517,7 @@ def test_gpu_loop_hands_every_row_to_the_writers(tmp_path, thread):
         )
 
 
-def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path):
+def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path, _unfreeze):
     sink = _RowSink(fail_on="img4")
     pipeline, samples, failed, done = _gpu_pipeline(tmp_path, sink, 6)
     pipeline.submit(samples[:3])
