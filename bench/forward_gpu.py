@@ -463,9 +463,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "elapsed_s": time.monotonic() - started,
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    print(render(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    return emit(result, render, args.out)
+
+
+def emit(result: dict[str, Any], render_table: Callable[[dict[str, Any]], str], out: str | None) -> dict[str, Any]:
+    """Print a bench's table and write its JSON when asked: the last step of every bench."""
+    print(render_table(result))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
     return result
 
 

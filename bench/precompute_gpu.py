@@ -59,7 +59,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forward_gpu import Clock, _fmt, is_oom, peak_gib, reset_peak
+from forward_gpu import Clock, _fmt, emit, is_oom, peak_gib, reset_peak
 
 from vggtctl import precompute
 from vggtctl.demo import make_episode
@@ -608,10 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "elapsed_s": time.monotonic() - started,
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    print(render(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, render, args.out)
 
 
 def render(result: dict[str, Any]) -> str:
