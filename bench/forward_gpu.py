@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return emit(result, render, args.out)
 
 
-def emit(result: dict[str, Any], render_table: Callable[[dict[str, Any]], str], out: str | None) -> dict[str, Any]:
+def emit(
+    result: dict[str, Any], render_table: Callable[[dict[str, Any]], str], out: str | None
+) -> dict[str, Any]:
     """Print a bench's table and write its JSON when asked: the last step of every bench."""
     print(render_table(result))
     if out:

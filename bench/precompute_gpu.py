@@ -37,7 +37,6 @@ Device run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
