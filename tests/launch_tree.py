@@ -8,6 +8,7 @@ without running the code under test: `valid` of `total` images.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from vggtctl.keys import ContextSettings, FeatureKey, ImageKey, ModelKey
 MODEL = ModelKey(hashlib.sha256(b"launch test model").hexdigest(), "test-model", -2, "full", "bfloat16")
 PREPROCESS = {"fingerprint": "3" * 64, "preset": "test-preset", "input_hw": [28, 28], "grid_hw": [2, 2]}
 KEY = FeatureKey(MODEL, PREPROCESS["fingerprint"], PREPROCESS["preset"], ContextSettings("none"))
+KEY_JSON = json.dumps(KEY.to_meta())  # the form `--feature-key` takes on the command line
 
 
 def make_root(base: Path, total: int = 6, valid: int = 6) -> Path:

@@ -26,7 +26,7 @@ from vggtctl.launch.plan import TrainOptions, build_plan
 from vggtctl.launch.scripts import emit_scripts
 from vggtctl.launch.torchrun import parse_entry
 
-KEY_JSON = json.dumps(launch_tree.KEY.to_meta())
+KEY_JSON = launch_tree.KEY_JSON
 
 
 @pytest.fixture

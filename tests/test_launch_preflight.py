@@ -3,7 +3,6 @@ paths, GPUs, master port/reachability, interfaces and NCCL values each fail on t
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import socket
@@ -22,7 +21,7 @@ from vggtctl import manifest
 from vggtctl.launch import preflight
 from vggtctl.launch.plan import TrainOptions, build_plan
 
-KEY_JSON = json.dumps(launch_tree.KEY.to_meta())
+KEY_JSON = launch_tree.KEY_JSON
 
 
 @pytest.fixture
