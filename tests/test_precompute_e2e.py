@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -81,6 +82,27 @@ def test_episodes_every_item_valid_rerun_encodes_nothing_force_all(tmp_path):
     assert [r["encoded"] for r in manifest.load(tmp_path).runs] == [len(images), 0, len(images)]
     assert temp_files_under(tmp_path) == []
     assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
+
+
+def test_force_skips_what_another_run_wrote_after_it_began(tmp_path):
+    """Two `--force` runs at once (two nodes) must not re-encode each other's fresh work: a
+    sidecar written after the run began (here: its mtime an hour ahead) and valid is left."""
+    images = episodes_tree(tmp_path, episodes=2, steps=4)
+    run(opts(tmp_path, max_history=2))
+    later = time.time() + 3600
+    fresh, old = images[::2], images[1::2]
+    for path in fresh:
+        os.utime(sidecar.sidecar_path(path), (later, later))
+    broken = sidecar.sidecar_path(fresh[0])  # fresh but not valid: must be re-encoded
+    Path(broken).write_bytes(b"\0" * 64)
+    os.utime(broken, (later, later))
+
+    forced = run(opts(tmp_path, max_history=2, force=True))
+    assert forced.encoded == len(old) + 1
+    kept = [p for p in fresh[1:] if os.stat(sidecar.sidecar_path(p)).st_mtime == later]
+    assert kept == fresh[1:]
+    assert verdicts(catalog_items(tmp_path, max_history=2), _key(forced)) == {"valid": len(images)}
+    assert [p.name for p in (tmp_path / ".vggtctl" / "claims").iterdir()] == []  # no probe left
 
 
 def test_other_history_length_is_a_context_mismatch(tmp_path):

@@ -172,6 +172,22 @@ class ClaimBook:
         self.taken_over += 1
         return True
 
+    def file_system_now_ns(self) -> int | None:
+        """The time on the file system's own clock (ns), None where it cannot be read.
+
+        Files on NFS get their mtimes from the server; comparing them with this host's clock
+        would be off by the clocks' skew. A file created here and stat'ed reads the server's.
+        """
+        probe = self.dir / f".now-{self.pid}-{secrets.token_hex(4)}"
+        try:
+            probe.touch(exist_ok=False)
+            return probe.stat().st_mtime_ns
+        except OSError:
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
     def heartbeat(self) -> None:
         """Refresh the mtime of held claims so other hosts see them as alive."""
         with self._lock:

@@ -53,6 +53,7 @@ from vggtctl.precompute.planning import (
     estimate_sidecar_bytes,
     needs_encoding,
     plan_run,
+    rewritten_since,
 )
 from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
@@ -382,9 +383,15 @@ def _encode_all(
     stop = threading.Event()
     tracker = _ChunkTracker(claims)
 
+    # --force re-encodes what was there when the run began, not what a concurrent run (another
+    # --force on a second node, say) wrote for this key since: that is fresh by definition
+    forced_since = claims.file_system_now_ns() if opts.force else None
+
     def recheck(indices: list[int]) -> list[int]:
         if opts.force:
-            return indices
+            if forced_since is None:
+                return indices
+            return [i for i in indices if not rewritten_since(store, items[i], forced_since)]
         return [i for i in indices if needs_encoding(store, items[i])]
 
     def on_written(token: Any, nbytes: int | None, error: BaseException | None) -> None:

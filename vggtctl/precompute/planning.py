@@ -4,18 +4,18 @@ by rank, and the header check that skips items already valid for the feature key
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from vggtctl import sidecar
 from vggtctl.catalog import Catalog, Item
 from vggtctl.claims import chunk_id
 from vggtctl.data import FeatureStore, check_items
-from vggtctl.distributed import (
-    DistInfo,
-)
+from vggtctl.distributed import DistInfo
 from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
 from vggtctl.precompute.options import (
     CHUNK_ITEMS,
@@ -95,6 +95,21 @@ def needs_encoding(store: FeatureStore, item: Item) -> bool:
         return store.check(item).verdict is not Verdict.VALID
     except OSError:
         return True
+
+
+def rewritten_since(store: FeatureStore, item: Item, since_ns: int) -> bool:
+    """True when the item's sidecar was written after `since_ns` (file-system clock) and is
+    valid for the store's key: another process encoded it while this `--force` run was going.
+
+    Strictly after: on a file system with one-second timestamps, a sidecar from the second in
+    which this run started may predate it, and --force must re-encode that one.
+    """
+    try:
+        if os.stat(sidecar.sidecar_path(item.image)).st_mtime_ns <= since_ns:
+            return False
+        return store.check(item).verdict is Verdict.VALID
+    except OSError:
+        return False
 
 
 def find_todo(
