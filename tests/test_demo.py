@@ -52,3 +52,15 @@ def test_precomputed_features_equal_the_online_fallback_bit_for_bit(tmp_path):
         sample = dataset[index]
         assert sample["cache_status"] == "hit"
         assert torch.equal(online(sample["images_vggt"]), sample["vggt_features"])
+
+
+def test_demo_interrupted_exits_130_with_one_line(tmp_path, monkeypatch):
+    import vggtctl.precompute
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vggtctl.precompute, "run", interrupted)
+    result = CliRunner().invoke(app, ["demo", str(tmp_path / "demo"), "--episodes", "1", "--steps", "2"])
+    assert result.exit_code == 130
+    assert "interrupted; rerun `vggtctl demo` to resume" in result.output

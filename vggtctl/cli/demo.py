@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from vggtctl.cli import render
-from vggtctl.errors import VggtctlError
 
 
 def register(app: typer.Typer) -> None:
@@ -46,12 +45,10 @@ def register(app: typer.Typer) -> None:
             device="cpu",
         )
         render.err.print("precompute with tiny-random (seeded random weights: features are meaningless)")
-        try:
+        with render.command_errors("interrupted; rerun `vggtctl demo` to resume"):
             outcome = run(opts, RichReporter(enabled=sys.stderr.isatty()))
             render.out.print(_summary_table(outcome, directory))
             status_show(status_run(directory, 1, "name", None, None, None, True, None))
-        except VggtctlError as err:
-            render.fail(err)
         render.out.print(
             f"next: vggtctl verify {directory} --recompute 3   ·   vggtctl prune {directory} --dry-run --all-invalid",
             soft_wrap=True,

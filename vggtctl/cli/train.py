@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vggtctl.cli import render
-from vggtctl.errors import EXIT_USAGE, VggtctlError
+from vggtctl.errors import EXIT_USAGE
 
 if TYPE_CHECKING:
     from vggtctl.launch.plan import TrainPlan
@@ -148,10 +148,8 @@ def register(app: typer.Typer) -> None:
             probe_samples=probe_samples,
             trainer_args=list(ctx.args),
         )
-        try:
+        with render.command_errors():
             plan = build_plan(options)
-        except VggtctlError as err:
-            render.fail(err)
         for note in plan.notes:
             render.err.print(f"[yellow]note:[/] {escape(note)}")
         _print_settings(plan)
