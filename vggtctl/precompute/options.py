@@ -63,6 +63,7 @@ class Plan:
     context: str
     missing_images: int
     catalog_problems: int
+    input_bytes_per_item: int = 0  # decoded pixels of one item (sizes the decode workers)
 
 
 @dataclass

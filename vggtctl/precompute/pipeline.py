@@ -50,11 +50,14 @@ from vggtctl.precompute.options import (
 from vggtctl.precompute.planning import (
     build_encoder,
     context_settings,
-    estimate_sidecar_bytes,
+    first_decoded,
+    input_bytes,
     needs_encoding,
     plan_run,
     rewritten_since,
+    sidecar_bytes,
 )
+from vggtctl.precompute.shared_memory import fit_loader, shm_free_bytes
 from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
@@ -146,9 +149,15 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             torch.cuda.set_device(device)
         encoder, preset = build_encoder(opts, catalog.context_kind, device)
         key: FeatureKey = encoder.feature_key(context_settings(opts, catalog.context_kind))
-        samples = [item.image for item in catalog.items[:3]]
+        probe = first_decoded(preset, [item.image for item in catalog.items[:3]])
+        frames = max((len(item.frames) for item in catalog.items[:64]), default=1)
         plan, items, mine, todo, store = plan_run(
-            opts, catalog, key, info, estimate_sidecar_bytes(encoder, preset, samples)
+            opts,
+            catalog,
+            key,
+            info,
+            sidecar_bytes(encoder, probe),
+            input_bytes(probe, frames if key.context.kind == "sequence" else 1),
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if opts.dry_run:
@@ -379,7 +388,8 @@ def _encode_all(
     batch_size = opts.batch_size or (32 if cuda else 4)
     if key.context.kind == "sequence" and opts.batch_size is None:
         batch_size = max(1, batch_size // 2)
-    workers = opts.workers if opts.workers is not None else default_loader_workers(dist_info())
+    info = dist_info()
+    workers = opts.workers if opts.workers is not None else default_loader_workers(info)
     stop = threading.Event()
     tracker = _ChunkTracker(claims)
 
@@ -407,14 +417,26 @@ def _encode_all(
             )
         tracker.done(index)
 
-    sampler = ClaimingSampler(chunks, claims, max(1, min(8, batch_size)), recheck, tracker.started, stop)
+    task_items = max(1, min(8, batch_size))
+    fit = fit_loader(
+        workers,
+        2 if key.context.kind == "sequence" else 4,
+        task_items,
+        outcome.plan.input_bytes_per_item,
+        held_items=2 * batch_size,
+        free_bytes=shm_free_bytes(),
+        local_ranks=info.local_world_size,
+    )
+    if fit.note and info.local_rank == 0:
+        progress.reporter.message(fit.note)
+    sampler = ClaimingSampler(chunks, claims, task_items, recheck, tracker.started, stop)
     loader = DataLoader(
         ItemDataset(items, preset, key),
         batch_sampler=sampler,
-        num_workers=workers,
+        num_workers=fit.workers,
         collate_fn=_identity,
         pin_memory=False,  # samples are dataclasses; the staging buffer in _launch is pinned
-        prefetch_factor=(2 if key.context.kind == "sequence" else 4) if workers else None,
+        prefetch_factor=fit.prefetch,
         persistent_workers=False,
     )
     writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)
@@ -423,7 +445,7 @@ def _encode_all(
     )
     if opts.compile and cuda:
         pipeline.pad_to = batch_size  # one compiled shape: no recompiles for the last, short batch
-        if dist_info().local_rank == 0:  # progress stands still meanwhile: say why, once a node
+        if info.local_rank == 0:  # progress stands still meanwhile: say why, once a node
             progress.reporter.message("compiling the model on the first batch (about a minute)")
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()

@@ -125,7 +125,12 @@ def find_todo(
 
 
 def plan_run(
-    opts: PrecomputeOptions, catalog: Catalog, key: FeatureKey, info: DistInfo, bytes_per_item: int
+    opts: PrecomputeOptions,
+    catalog: Catalog,
+    key: FeatureKey,
+    info: DistInfo,
+    bytes_per_item: int,
+    input_bytes_per_item: int = 0,
 ) -> tuple[Plan, list[Item], list[tuple[str, list[int]]], list[int], FeatureStore]:
     items, conflicts = unique_by_sidecar(catalog.items)
     store = FeatureStore(key)
@@ -159,28 +164,45 @@ def plan_run(
         context=catalog.context_kind,
         missing_images=len(catalog.missing_images),
         catalog_problems=len(catalog.problems),
+        input_bytes_per_item=input_bytes_per_item,
     )
     return plan, items, mine, todo, store
 
 
-def estimate_sidecar_bytes(encoder: Any, preset: Any, samples: str | Sequence[str] | None) -> int:
-    """Features bytes for one item (patches x 2C x dtype) plus the archive overhead, from the
-    first sample image that decodes (0 when none does)."""
+def first_decoded(preset: Any, samples: str | Sequence[str] | None) -> Any | None:
+    """The first sample image that decodes, preprocessed (None when none does)."""
     if samples is None:
         samples = []
     elif isinstance(samples, str):
         samples = [samples]
     for path in samples:
         try:
-            grid = preset.load(path).grid_hw
-            break
+            return preset.load(path)
         except Exception:
             continue
-    else:
+    return None
+
+
+def sidecar_bytes(encoder: Any, decoded: Any | None) -> int:
+    """Feature bytes for one item (patches x 2C x dtype) plus the archive overhead."""
+    if decoded is None:
         return 0
+    grid = decoded.grid_hw
     channels = 2 * encoder.embed_dim if hasattr(encoder, "embed_dim") else 0
     itemsize = torch.empty((), dtype=encoder.dtype).element_size()
     return grid[0] * grid[1] * channels * itemsize + 2048
+
+
+def estimate_sidecar_bytes(encoder: Any, preset: Any, samples: str | Sequence[str] | None) -> int:
+    """`sidecar_bytes` from the first sample image that decodes (0 when none does)."""
+    return sidecar_bytes(encoder, first_decoded(preset, samples))
+
+
+def input_bytes(decoded: Any | None, frames: int) -> int:
+    """Bytes of one item's decoded input: what a decode worker hands over per item."""
+    if decoded is None:
+        return 0
+    return decoded.tensor.numel() * decoded.tensor.element_size() * max(1, frames)
 
 
 def sample_items(items: Sequence[Item], k: int, seed: int | None = None) -> list[Item]:
