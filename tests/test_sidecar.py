@@ -72,6 +72,62 @@ def test_quick_vs_full_read_of_nan_features(tmp_path: Path) -> None:
     assert full.verdict is Verdict.CORRUPT and "NaN" in full.reason
 
 
+def _flip_bit_in_features(path: Path) -> None:
+    """One bit of the tensor's bytes flipped in place (bit rot, a bad copy): the file keeps its size."""
+    from vggtctl import torchzip
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        archive = torchzip._Archive(fd)
+        name = next(n for n in archive.members if "/data/" in n and not n.endswith(".data/version"))
+        start, size = archive.data_span(name)
+    finally:
+        os.close(fd)
+    raw = bytearray(path.read_bytes())
+    raw[start + size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_the_tensor_is_corrupt_on_a_full_read(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    feats = tb.features()  # bf16: the flipped bit lands in a mantissa, the value stays finite
+    path = tb.write_sidecar(image, feats=feats)
+    assert sidecar.classify(path, full=True).verdict is Verdict.VALID
+    _flip_bit_in_features(path)
+    # torch.load serves it, and its values are finite: only the CRC tells
+    changed = sidecar.read(path).features
+    assert not torch.equal(changed, feats) and bool(torch.isfinite(changed).all())
+    assert sidecar.classify(path).verdict is Verdict.VALID  # the header check reads no tensor byte
+    full = sidecar.classify(path, full=True)
+    assert full.verdict is Verdict.CORRUPT and "CRC-32" in full.reason
+
+
+def test_a_record_without_a_crc_is_not_checked(tmp_path: Path) -> None:
+    """torch can be told not to compute CRCs; it then records 0, which must not read as a mismatch."""
+    from vggtctl import torchzip
+
+    path = tb.write_sidecar(tb.write_image(tmp_path / "a.jpg"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        archive = torchzip._Archive(fd)
+        crcs = dict(archive.crcs)
+        table_at = archive.cd_at
+    finally:
+        os.close(fd)
+    assert torchzip.check_checksums(path) == len(crcs)
+    raw = bytearray(path.read_bytes())
+    pos = table_at
+    for _ in crcs:  # zero the CRC of every directory entry (offset 16 of each entry)
+        raw[pos + 16 : pos + 20] = b"\0\0\0\0"
+        name_len, extra_len, comment_len = (
+            int.from_bytes(raw[pos + k : pos + k + 2], "little") for k in (28, 30, 32)
+        )
+        pos += 46 + name_len + extra_len + comment_len
+    path.write_bytes(bytes(raw))
+    assert torchzip.check_checksums(path) == 0
+    assert sidecar.classify(path, full=True).verdict is Verdict.VALID
+
+
 def test_model_fingerprint_only_expectation(tmp_path: Path) -> None:
     path = tb.write_sidecar(tb.write_image(tmp_path / "a.jpg"), model=tb.OTHER_MODEL)
     expect = Expectation(model_fingerprint=tb.CURRENT_FINGERPRINT)

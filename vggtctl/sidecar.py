@@ -236,13 +236,18 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return header if header is not None else _parse(_load(path))[0]
 
 
-def read(path: str | os.PathLike[str], *, check_finite: bool = True) -> Sidecar:
+def read(path: str | os.PathLike[str], *, check_finite: bool = True, check_crc: bool = False) -> Sidecar:
     """Full read: the features are materialized (still backed by mmap until touched).
 
     The structural pass of `read_header` runs first: torch.load would silently read past a
-    storage record that is too short, the header reader refuses it."""
+    storage record that is too short, the header reader refuses it. `check_crc` also compares
+    every record with its zip CRC-32 (`verify`): torch.load would serve a flipped bit.
+    """
     path = os.fspath(path)
     _fast_header(path)
+    if check_crc:
+        with contextlib.suppress(torchzip.NotUnderstood):  # an archive torchzip does not model
+            torchzip.check_checksums(path)
     header, features = _parse(_load(path))
     if check_finite and features.numel() and not bool(torch.isfinite(features).all()):
         raise SidecarFormatError("features contain NaN or Inf")
@@ -319,7 +324,8 @@ def classify(
     """One verdict per file, in precedence order: temp, corrupt, legacy, orphan, stale,
     model-, preprocess-, context-mismatch, valid.
 
-    `full=True` reads the tensor (verify) and checks it is finite; otherwise only the header.
+    `full=True` reads the tensor (verify), checks it is finite and every record against its
+    CRC-32; otherwise only the header.
     `image_stat` / `stat_lookup` let callers reuse stats from a scan instead of stat'ing again.
     """
     path = os.fspath(path)
@@ -328,7 +334,7 @@ def classify(
         return Classification(path, Verdict.TEMP, "temp file left by an interrupted write")
     lookup = stat_lookup or _stat_or_none
     try:
-        header = read(path).header if full else read_header(path)
+        header = read(path, check_crc=True).header if full else read_header(path)
     except SidecarFormatError as err:
         return Classification(path, Verdict.CORRUPT, str(err))
     except Exception as err:  # any unloadable file: truncated zip, pickle, permissions, ...
