@@ -13,7 +13,8 @@ real sidecars written by the codec), then, in one run:
   d) header reads (`sidecar.read_header`, and for reference the torch.load(mmap=True) path it
      falls back to) against full loads (`torch.load` without mmap, then a reduction over the
      tensor) of realistic sidecars (bf16 [2116, 2048], ~8.7 MB), with the page cache dropped for
-     those files before every pass (posix_fadvise DONTNEED after fsync), then on a warm cache.
+     those files before every pass (posix_fadvise DONTNEED after fsync), then on a warm cache;
+     and, warm, verify's full read (`sidecar.read`) without and with the CRC-32 checks.
 
 `--skip status --skip naive` runs (d) alone and builds no tree.
 
@@ -271,6 +272,15 @@ def load_pass(paths: list[str], touch: bool) -> float:
     return time.perf_counter() - started
 
 
+def verify_pass(paths: list[str], crc: bool) -> float:
+    """What `verify`'s full read does per file: torch.load(mmap), the finite check and, with
+    `crc`, every zip record against its CRC-32."""
+    started = time.perf_counter()
+    for path in paths:
+        sidecar.read(path, check_crc=crc)
+    return time.perf_counter() - started
+
+
 def time_header_vs_full(workdir: Path, count: int, passes: int) -> dict:
     folder = workdir / "big"
     folder.mkdir(parents=True, exist_ok=True)
@@ -299,6 +309,8 @@ def time_header_vs_full(workdir: Path, count: int, passes: int) -> dict:
         "header": [header_pass(paths) for _ in range(runs)],
         "header_torch": [torch_header_pass(paths) for _ in range(runs)],
         "load": [load_pass(paths, touch=False) for _ in range(runs)],
+        "verify": [verify_pass(paths, crc=False) for _ in range(runs)],
+        "verify_crc": [verify_pass(paths, crc=True) for _ in range(runs)],
     }
     warm = {name: statistics.median(values) for name, values in warm_passes.items()}
     shutil.rmtree(folder)
@@ -317,6 +329,7 @@ def time_header_vs_full(workdir: Path, count: int, passes: int) -> dict:
         "ratio_load_touch_over_header": median["load_touch"] / median["header"],
         "ratio_torch_header_over_header": median["header_torch"] / median["header"],
         "warm_ratio_torch_header_over_header": warm["header_torch"] / warm["header"],
+        "warm_ratio_verify_crc_over_verify": warm["verify_crc"] / warm["verify"],
     }
 
 
@@ -459,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{big['ratio_load_over_header']:.1f}x load alone; warm cache: header {warm['header']:.3f} "
                 f"(torch.load mmap path {warm['header_torch']:.3f}, "
                 f"{big['warm_ratio_torch_header_over_header']:.1f}x), load {warm['load']:.2f} ms/file",
+                flush=True,
+            )
+            print(
+                f"    verify's full read, warm: {warm['verify']:.2f} ms/file without CRC checks, "
+                f"{warm['verify_crc']:.2f} with ({big['warm_ratio_verify_crc_over_verify']:.2f}x)",
                 flush=True,
             )
         result["machine"]["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
