@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from precompute_trees import catalog_items, episodes_tree, opts, verdicts
+from precompute_trees import CLI_FAST, catalog_items, episodes_tree, opts, verdicts
 
 from vggtctl.keys import FeatureKey
-from vggtctl.precompute import pipeline, run
+from vggtctl.precompute import planning, run
 from vggtctl.precompute.shared_memory import fit_loader, in_flight_bytes, shm_free_bytes
 from vggtctl.reporter import Reporter
 
@@ -62,7 +64,7 @@ class _Messages(Reporter):
 @pytest.mark.parametrize("free, workers_note", [(10 * MB, "decoding in the main process"), (None, None)])
 def test_a_run_with_little_shared_memory_completes_and_says_why(tmp_path, monkeypatch, free, workers_note):
     images = episodes_tree(tmp_path, episodes=2, steps=3)
-    monkeypatch.setattr(pipeline, "shm_free_bytes", lambda: free)
+    monkeypatch.setattr(planning, "shm_free_bytes", lambda: free)
     messages = _Messages()
     outcome = run(opts(tmp_path, max_history=2, workers=2), messages)
     assert outcome.plan.input_bytes_per_item == 3 * 3 * 154 * 518 * 4  # 3 frames of 518x154 float32
@@ -71,3 +73,26 @@ def test_a_run_with_little_shared_memory_completes_and_says_why(tmp_path, monkey
     assert verdicts(catalog_items(tmp_path, max_history=2), key) == {"valid": len(images)}
     notes = [line for line in messages.lines if "/dev/shm" in line]
     assert [workers_note in n for n in notes] == ([True] if workers_note else [])
+
+
+def test_dry_run_shows_the_decode_workers_and_why_they_were_cut(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vggtctl.cli.app import app
+
+    episodes_tree(tmp_path, episodes=1, steps=3)
+    monkeypatch.setattr(planning, "shm_free_bytes", lambda: 10 * MB)
+    args = ["precompute", str(tmp_path), *CLI_FAST, "--workers", "3", "--max-history", "2", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "decode workers" in result.output and "0 per rank (reduced: see below)" in result.output
+    assert "/dev/shm has 10.0 MiB free, and 3 decode workers" in result.output
+    doc = CliRunner().invoke(app, [*args, "--json"])
+    plan = json.loads(doc.stdout)["plan"]
+    assert (plan["decode_workers"], plan["decode_prefetch"], plan["batch_size"]) == (0, None, 2)
+    assert plan["decode_note"].startswith("/dev/shm has 10.0 MiB free")
+
+    monkeypatch.setattr(planning, "shm_free_bytes", lambda: 64 << 30)
+    plan = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)["plan"]
+    assert (plan["decode_workers"], plan["decode_prefetch"], plan["decode_note"]) == (3, 2, None)
+    assert plan["decode_in_flight_bytes"] == (3 * 2 * 2 + 2 * 2) * plan["input_bytes_per_item"]

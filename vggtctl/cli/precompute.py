@@ -109,6 +109,15 @@ def _plan_table(outcome: Outcome) -> Table:
     else:
         eta = render.duration(plan.projected_seconds)
     table.add_row("projected time", eta)
+    if plan.to_encode and plan.batch_size:
+        table.add_row("batch size", str(plan.batch_size))
+        workers = f"{plan.decode_workers} per rank"
+        if plan.decode_workers:
+            workers += (
+                f", prefetch {plan.decode_prefetch}, up to {render.size(plan.decode_in_flight_bytes)}"
+                " of /dev/shm"
+            )
+        table.add_row("decode workers", workers + (" (reduced: see below)" if plan.decode_note else ""))
     if plan.missing_images or plan.catalog_problems:
         table.add_row(
             "catalog problems", f"{plan.catalog_problems} lines, {plan.missing_images} missing images"
@@ -317,6 +326,8 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
         render.print_json(outcome.to_dict())
     elif dry_run:
         render.out.print(_plan_table(outcome))
+        if outcome.plan.decode_note:
+            render.err.print(outcome.plan.decode_note, markup=False, soft_wrap=True)
     else:
         render.out.print(_summary_table(outcome, root))
     if outcome.disk_full:

@@ -64,6 +64,11 @@ class Plan:
     missing_images: int
     catalog_problems: int
     input_bytes_per_item: int = 0  # decoded pixels of one item (sizes the decode workers)
+    batch_size: int = 0
+    decode_workers: int = 0  # per rank, after fitting /dev/shm
+    decode_prefetch: int | None = None  # tasks queued per worker
+    decode_in_flight_bytes: int = 0  # /dev/shm the decoded items may take (per rank)
+    decode_note: str | None = None  # why the workers were cut, if they were
 
 
 @dataclass

@@ -23,7 +23,6 @@ from vggtctl.distributed import (
     DistInfo,
     broadcast_object,
     close_group,
-    default_loader_workers,
     dist_info,
     gather_objects,
     init_group,
@@ -56,8 +55,8 @@ from vggtctl.precompute.planning import (
     plan_run,
     rewritten_since,
     sidecar_bytes,
+    task_items,
 )
-from vggtctl.precompute.shared_memory import fit_loader, shm_free_bytes
 from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
@@ -158,6 +157,7 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             info,
             sidecar_bytes(encoder, probe),
             input_bytes(probe, frames if key.context.kind == "sequence" else 1),
+            device,
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if opts.dry_run:
@@ -385,11 +385,9 @@ def _encode_all(
     if not chunks:
         return
     cuda = device.type == "cuda"
-    batch_size = opts.batch_size or (32 if cuda else 4)
-    if key.context.kind == "sequence" and opts.batch_size is None:
-        batch_size = max(1, batch_size // 2)
+    plan = outcome.plan
+    batch_size = plan.batch_size
     info = dist_info()
-    workers = opts.workers if opts.workers is not None else default_loader_workers(info)
     stop = threading.Event()
     tracker = _ChunkTracker(claims)
 
@@ -417,26 +415,16 @@ def _encode_all(
             )
         tracker.done(index)
 
-    task_items = max(1, min(8, batch_size))
-    fit = fit_loader(
-        workers,
-        2 if key.context.kind == "sequence" else 4,
-        task_items,
-        outcome.plan.input_bytes_per_item,
-        held_items=2 * batch_size,
-        free_bytes=shm_free_bytes(),
-        local_ranks=info.local_world_size,
-    )
-    if fit.note and info.local_rank == 0:
-        progress.reporter.message(fit.note)
-    sampler = ClaimingSampler(chunks, claims, task_items, recheck, tracker.started, stop)
+    if plan.decode_note and info.local_rank == 0:
+        progress.reporter.message(plan.decode_note)
+    sampler = ClaimingSampler(chunks, claims, task_items(batch_size), recheck, tracker.started, stop)
     loader = DataLoader(
         ItemDataset(items, preset, key),
         batch_sampler=sampler,
-        num_workers=fit.workers,
+        num_workers=plan.decode_workers,
         collate_fn=_identity,
         pin_memory=False,  # samples are dataclasses; the staging buffer in _launch is pinned
-        prefetch_factor=fit.prefetch,
+        prefetch_factor=plan.decode_prefetch,
         persistent_workers=False,
     )
     writer = SidecarWriter(on_written, threads=opts.writer_threads, fsync=opts.fsync)

@@ -15,7 +15,7 @@ from vggtctl import sidecar
 from vggtctl.catalog import Catalog, Item
 from vggtctl.claims import chunk_id
 from vggtctl.data import FeatureStore, check_items
-from vggtctl.distributed import DistInfo
+from vggtctl.distributed import DistInfo, default_loader_workers
 from vggtctl.keys import ContextSettings, FeatureKey, fingerprint_json
 from vggtctl.precompute.options import (
     CHUNK_ITEMS,
@@ -23,6 +23,7 @@ from vggtctl.precompute.options import (
     PrecomputeOptions,
     _dtype,
 )
+from vggtctl.precompute.shared_memory import LoaderFit, fit_loader, shm_free_bytes
 from vggtctl.sidecar import Verdict
 
 
@@ -124,6 +125,35 @@ def find_todo(
     return todo, len(indices) - len(todo)
 
 
+def batch_size_for(opts: PrecomputeOptions, key: FeatureKey, device: torch.device) -> int:
+    """--batch-size, else 32 on a GPU and 4 on the CPU, halved for sequences (9 frames each)."""
+    if opts.batch_size:
+        return opts.batch_size
+    size = 32 if device.type == "cuda" else 4
+    return max(1, size // 2) if key.context.kind == "sequence" else size
+
+
+def task_items(batch_size: int) -> int:
+    """Items per decode task (one DataLoader index list): up to 8, never more than a batch."""
+    return max(1, min(8, batch_size))
+
+
+def plan_loader(
+    opts: PrecomputeOptions, key: FeatureKey, info: DistInfo, batch_size: int, item_bytes: int
+) -> LoaderFit:
+    """Decode workers and prefetch for this rank, fitted to the free /dev/shm."""
+    workers = opts.workers if opts.workers is not None else default_loader_workers(info)
+    return fit_loader(
+        workers,
+        2 if key.context.kind == "sequence" else 4,
+        task_items(batch_size),
+        item_bytes,
+        held_items=2 * batch_size,  # a partial batch per shape and the one being staged
+        free_bytes=shm_free_bytes(),
+        local_ranks=info.local_world_size,
+    )
+
+
 def plan_run(
     opts: PrecomputeOptions,
     catalog: Catalog,
@@ -131,6 +161,7 @@ def plan_run(
     info: DistInfo,
     bytes_per_item: int,
     input_bytes_per_item: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[Plan, list[Item], list[tuple[str, list[int]]], list[int], FeatureStore]:
     items, conflicts = unique_by_sidecar(catalog.items)
     store = FeatureStore(key)
@@ -166,6 +197,11 @@ def plan_run(
         catalog_problems=len(catalog.problems),
         input_bytes_per_item=input_bytes_per_item,
     )
+    if device is not None:
+        plan.batch_size = batch_size_for(opts, key, device)
+        fit = plan_loader(opts, key, info, plan.batch_size, input_bytes_per_item)
+        plan.decode_workers, plan.decode_prefetch = fit.workers, fit.prefetch
+        plan.decode_in_flight_bytes, plan.decode_note = fit.in_flight_bytes, fit.note
     return plan, items, mine, todo, store
 
 
