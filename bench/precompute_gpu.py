@@ -142,6 +142,9 @@ class Row:
     peak_mem_gib: float | None = None
     steady_items_per_s: float | None = None
     stage_seconds: dict[str, float] | None = None
+    # torch's pinned-memory pool during the run (CUDA, where torch reports it): blocks created
+    # (num_host_alloc) and microseconds in cudaHostAlloc (host_alloc_time.total), as deltas
+    host_pool: dict[str, float] | None = None
     status: str = "ok"
 
     @property
@@ -299,6 +302,41 @@ def options(args: argparse.Namespace, root: Path, **overrides: Any) -> Precomput
     return PrecomputeOptions(**base)
 
 
+def host_pool_counters() -> dict[str, float] | None:
+    """torch.cuda.memory.host_memory_stats() flattened to numbers; None where unavailable."""
+    stats_of = getattr(torch.cuda.memory, "host_memory_stats", None)
+    if stats_of is None or not torch.cuda.is_available():
+        return None
+    try:
+        stats = stats_of()
+    except Exception:
+        return None
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                walk(f"{prefix}.{name}" if prefix else str(name), inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    walk("", stats)
+    return flat
+
+
+def host_pool_delta(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    keep = ("num_host_alloc", "num_host_free", "host_alloc_time.total", "host_alloc_time.max")
+    delta = {name: after[name] - before.get(name, 0) for name in keep if name in after}
+    for name in ("allocated_bytes.current", "allocated_bytes.peak"):
+        if name in after:
+            delta[name] = after[name]  # levels, not deltas
+    return delta
+
+
 def pipeline_row(
     key: str, what: str, opts: PrecomputeOptions, frames: int, device: torch.device
 ) -> tuple[Row, Row]:
@@ -309,6 +347,7 @@ def pipeline_row(
     )
     reset_peak(device)
     timeline = Timeline()
+    pool_before = host_pool_counters()
     started = time.perf_counter()
     try:
         outcome = precompute.run(opts, timeline)
@@ -323,6 +362,7 @@ def pipeline_row(
     row.peak_mem_gib = wall.peak_mem_gib = peak_gib(device)
     row.steady_items_per_s = timeline.steady_rate()
     row.stage_seconds = dict(outcome.stage_seconds)
+    row.host_pool = host_pool_delta(pool_before, host_pool_counters())
     if outcome.failed or outcome.disk_full or outcome.not_written:
         first = read_failures(opts.root, outcome.run_id)[:1]
         reason = f"{first[0]['stage']}: {first[0]['reason']}"[:200] if first else ""
@@ -643,6 +683,8 @@ def render(result: dict[str, Any]) -> str:
     for row in r["rows"]:
         if row.get("stage_seconds"):
             lines.append(f"encode loop of ({row['key']}), seconds per stage: {row['stage_seconds']}")
+        if row.get("host_pool"):
+            lines.append(f"pinned pool during ({row['key']}): {row['host_pool']}")
     for name, check in r.get("recompute_checks", {}).items():
         lines.append(f"recompute check of ({name}): {check}")
     lines += [f"note: {n}" for n in r["notes"]]

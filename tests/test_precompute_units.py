@@ -529,6 +529,39 @@ def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path, _unfreeze)
     assert sorted(done) == [4, 5] and len(sink.rows) == 4
 
 
+def test_the_pinned_pool_is_warmed_with_what_the_loop_holds_at_most(tmp_path, monkeypatch, _unfreeze):
+    """CUDA only (faked here): two staging blocks and four feature blocks, pinned, then freed;
+    on the CPU nothing is allocated; a failing allocation is only a lost head start."""
+    from vggtctl.precompute import gpu
+
+    sink = _RowSink()
+    pipeline, _samples, _failed, _done = _gpu_pipeline(tmp_path, sink, 1, thread=False)
+    asked = []
+    real_empty = torch.empty
+
+    def pinned(n, dtype=None, pin_memory=False):
+        asked.append((n, dtype, pin_memory))
+        return real_empty(0)
+
+    monkeypatch.setattr(gpu.torch, "empty", pinned)
+    pipeline.warm_host_pool(100, 300)
+    assert asked == []  # the CPU pipeline has no copy streams
+    pipeline.copy_streams = object()
+    pipeline.warm_host_pool(100, 300)
+    assert asked == [(100, torch.uint8, True)] * 2 + [(300, torch.uint8, True)] * 4
+    pipeline.warm_host_pool(0, 300)  # unknown sizes: nothing
+    assert len(asked) == 6
+
+    def refused(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(gpu.torch, "empty", refused)
+    pipeline.warm_host_pool(100, 300)  # does not raise
+    monkeypatch.undo()
+    pipeline.copy_streams = None
+    pipeline.stop()
+
+
 def test_failure_lines_are_written_under_a_lock_and_without_one_where_locks_fail(tmp_path, monkeypatch):
     import fcntl
 

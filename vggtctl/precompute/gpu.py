@@ -14,6 +14,7 @@ On the CPU the forward runs inside the launch and the handoff stays inline.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import queue
 import threading
@@ -101,6 +102,23 @@ class GpuPipeline:
             # walking it in every full collection (0.23 s each after compiling one small block,
             # measured on a 2-vCPU VM), pauses in which the launching thread feeds no GPU work.
             gc.freeze()
+
+    def warm_host_pool(self, staging_bytes: int, features_bytes: int) -> None:
+        """Have torch's pinned-memory pool hold the blocks the first batches will ask for.
+
+        A new pinned block is a cudaHostAlloc, hundreds of milliseconds for the 256-512 MB
+        blocks of a janusvln batch, and it holds a driver lock other CUDA calls wait on. Without
+        this, the first batches pay for it on the launching thread while the GPU idles; called
+        while the decode workers start, it costs nothing. Two staging blocks (one may still be
+        uploading) and four feature blocks (one computing, two queued for the handoff thread,
+        one being handed off): what the loop holds at most. Freed blocks stay in torch's pool.
+        """
+        if self.copy_streams is None or staging_bytes <= 0 or features_bytes <= 0:
+            return
+        with self.clock("stage"), contextlib.suppress(RuntimeError):  # only a head start
+            sizes = [staging_bytes] * 2 + [features_bytes] * 4
+            held = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+            del held
 
     def flush(self) -> None:
         """Hand every launched batch to the writers (waits for the GPU)."""
@@ -218,6 +236,8 @@ class _HandoffThread:
                 if self._error is None:
                     self._error = err
             finally:
+                # drop the batch's pinned buffer now, not when the next batch arrives
+                launched = None
                 self._queue.task_done()
 
 

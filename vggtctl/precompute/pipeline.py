@@ -47,6 +47,7 @@ from vggtctl.precompute.options import (
     PrecomputeOptions,
 )
 from vggtctl.precompute.planning import (
+    ARCHIVE_BYTES,
     build_encoder,
     context_settings,
     first_decoded,
@@ -437,7 +438,12 @@ def _encode_all(
             progress.reporter.message("compiling the model on the first batch (about a minute)")
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
     heartbeat = time.monotonic()
-    batches = iter(loader)
+    batches = iter(loader)  # the decode workers start here
+    if not pipeline.sequence:  # fixed batch shapes: the pinned blocks they need are known
+        rows = pipeline.pad_to or batch_size
+        pipeline.warm_host_pool(
+            rows * plan.input_bytes_per_item, rows * max(0, plan.bytes_per_item - ARCHIVE_BYTES)
+        )
     gc.freeze()  # the model, the catalog and torch itself: long-lived, see GpuPipeline.submit
     clock = pipeline.clock
     try:

@@ -205,6 +205,9 @@ def plan_run(
     return plan, items, mine, todo, store
 
 
+ARCHIVE_BYTES = 2048  # a sidecar's bytes beyond its features: zip records, pickle, meta (about)
+
+
 def first_decoded(preset: Any, samples: str | Sequence[str] | None) -> Any | None:
     """The first sample image that decodes, preprocessed (None when none does)."""
     if samples is None:
@@ -226,7 +229,7 @@ def sidecar_bytes(encoder: Any, decoded: Any | None) -> int:
     grid = decoded.grid_hw
     channels = 2 * encoder.embed_dim if hasattr(encoder, "embed_dim") else 0
     itemsize = torch.empty((), dtype=encoder.dtype).element_size()
-    return grid[0] * grid[1] * channels * itemsize + 2048
+    return grid[0] * grid[1] * channels * itemsize + ARCHIVE_BYTES
 
 
 def estimate_sidecar_bytes(encoder: Any, preset: Any, samples: str | Sequence[str] | None) -> int:
