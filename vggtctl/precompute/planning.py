@@ -160,8 +160,8 @@ def plan_run(
     key: FeatureKey,
     info: DistInfo,
     bytes_per_item: int,
-    input_bytes_per_item: int = 0,
-    device: torch.device | None = None,
+    input_bytes_per_item: int,
+    device: torch.device,
 ) -> tuple[Plan, list[Item], list[tuple[str, list[int]]], list[int], FeatureStore]:
     items, conflicts = unique_by_sidecar(catalog.items)
     store = FeatureStore(key)
@@ -197,11 +197,10 @@ def plan_run(
         catalog_problems=len(catalog.problems),
         input_bytes_per_item=input_bytes_per_item,
     )
-    if device is not None:
-        plan.batch_size = batch_size_for(opts, key, device)
-        fit = plan_loader(opts, key, info, plan.batch_size, input_bytes_per_item)
-        plan.decode_workers, plan.decode_prefetch = fit.workers, fit.prefetch
-        plan.decode_in_flight_bytes, plan.decode_note = fit.in_flight_bytes, fit.note
+    plan.batch_size = batch_size_for(opts, key, device)
+    fit = plan_loader(opts, key, info, plan.batch_size, input_bytes_per_item)
+    plan.decode_workers, plan.decode_prefetch = fit.workers, fit.prefetch
+    plan.decode_in_flight_bytes, plan.decode_note = fit.in_flight_bytes, fit.note
     return plan, items, mine, todo, store
 
 
