@@ -171,14 +171,14 @@ def test_distinct_frames_maps_every_item_onto_its_frames():
 
     def item(index, names):
         ids = tuple((name, 1, 1) for name in names)
-        return Prepared(index, torch.stack([pixels[n] for n in names]), {}, ids)
+        return Prepared(index, tuple(pixels[n] for n in names), {}, ids)
 
     batch = [item(0, "aab"), item(1, "abc"), item(2, "bcd")]
     staging, index = _distinct_frames(batch, rows=4, pin=False, multiple=8)
     assert staging.shape[0] == 8  # 4 distinct frames, rounded up to 8
     assert index.shape == (4, 3) and index[3].tolist() == [0, 0, 0]  # padding row
     for row, sample in enumerate(batch):
-        assert torch.equal(staging[index[row]], sample.pixels)
+        assert torch.equal(staging[index[row]], sample.stacked())
     assert torch.count_nonzero(staging[4:]) == 0
 
 

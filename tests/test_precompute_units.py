@@ -406,6 +406,42 @@ def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tm
         assert done.meta["image"]["size"] == os.path.getsize(item.image)
 
 
+def test_a_frame_shared_by_neighbouring_items_crosses_shared_memory_once(tmp_path):
+    """Sequence items reach the main process with their frames as the worker cached them: 6
+    items of 4 frames name 6 distinct frames, and 6 storages arrive, not 24 (nor 6 stacks)."""
+    from torch.utils.data import DataLoader
+
+    from vggtctl.catalog import load_catalog
+    from vggtctl.keys import ContextSettings, FeatureKey, ModelKey
+    from vggtctl.precompute import ItemDataset, Prepared
+    from vggtctl.precompute.loading import _identity
+
+    for i in range(6):
+        (tmp_path / "ep").mkdir(exist_ok=True)
+        (tmp_path / "ep" / f"step_{i}_MOVE_FORWARD.jpg").write_bytes(b"x" * (i + 1))
+    items = load_catalog(tmp_path, "episodes", max_history=3).items
+    key = FeatureKey(
+        ModelKey("f" * 64, "m", 0, "causal", "float32"), "p" * 64, "fake", ContextSettings("sequence")
+    )
+    loader = DataLoader(
+        ItemDataset(items, _FakePreset(), key),
+        batch_sampler=[list(range(6))],
+        num_workers=1,
+        collate_fn=_identity,
+    )
+    (received,) = list(loader)
+    assert all(isinstance(p, Prepared) and p.shape == (4, 3, 14, 28) for p in received)
+    frames = [frame for p in received for frame in p.pixels]
+    storages = {frame.untyped_storage().data_ptr() for frame in frames}
+    assert len(frames) == 24 and len(storages) == 6
+    by_path = {}
+    for p in received:
+        for frame_id, frame in zip(p.frame_ids, p.pixels, strict=True):
+            by_path.setdefault(frame_id[0], set()).add(frame.untyped_storage().data_ptr())
+    assert all(len(ptrs) == 1 for ptrs in by_path.values())  # one frame, one storage
+    assert torch.equal(received[3].stacked(), torch.zeros(4, 3, 14, 28))
+
+
 def test_stage_clock_moves_writer_back_pressure_out_of_handoff():
     from vggtctl.precompute.stages import STAGES, StageClock
 

@@ -143,7 +143,7 @@ def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> Recom
         if isinstance(prepared, Failed):
             report.checks.append(RecomputeCheck(path, False, reason=prepared.failure.reason))
             continue
-        pixels = prepared.pixels.unsqueeze(0).to(device)
+        pixels = prepared.stacked().unsqueeze(0).to(device)
         fresh = (encoder.encode_sequences(pixels) if sequence else encoder.encode_frames(pixels))[0].cpu()
         ok, max_abs, cosine, reason = compare(stored, fresh, str(stored.dtype).removeprefix("torch."))
         report.checks.append(RecomputeCheck(path, ok, max_abs, cosine, reason))

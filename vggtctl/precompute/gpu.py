@@ -288,7 +288,7 @@ def _distinct_frames(
     """
     slots: dict[tuple[str, int, int], int] = {}
     sources: list[torch.Tensor] = []
-    steps = batch[0].pixels.shape[0]
+    steps = len(batch[0].pixels)
     index = torch.zeros((rows, steps), dtype=torch.long)
     for row, sample in enumerate(batch):
         for step, frame_id in enumerate(sample.frame_ids):

@@ -457,7 +457,7 @@ def _encode_all(
                     progress.fail(sample.failure)
                     tracker.done(sample.index)
                     continue
-                bucket = buckets[tuple(sample.pixels.shape)]
+                bucket = buckets[sample.shape]
                 bucket.append(sample)
                 if len(bucket) >= batch_size:
                     pipeline.submit(bucket[:batch_size])
