@@ -214,12 +214,32 @@ def test_empty_root_says_so(tmp_path):
     assert "no items found" in result.stderr
 
 
-@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--preset", "nope"], ["--layout", "nope"]])
-def test_bad_options_exit_2_with_one_line(tmp_path, bad):
+BAD_OPTIONS = [
+    (["--dtype", "int8"], "int8"),
+    (["--preset", "nope"], "nope"),
+    (["--layout", "nope"], "nope"),
+    (["--batch-size", "-3"], "--batch-size -3"),  # once skipped 3 of every batch, exit 0
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--workers", "-2"], "--workers -2"),
+    (["--limit", "-1"], "--limit -1"),
+    (["--max-history", "-1"], "--max-history -1"),
+    (["--gpus", "0"], "--gpus 0"),
+    (["--device", "bogus"], "--device bogus: not a device name"),
+    (["--device", "mps"], "--device mps: only cpu and cuda"),
+    (["--devices", "foo"], "--devices foo: not a device name"),
+]
+if not torch.cuda.is_available():
+    BAD_OPTIONS.append((["--device", "cuda"], "--device cuda: no CUDA device is visible"))
+
+
+@pytest.mark.parametrize("bad, named", BAD_OPTIONS)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_bad_options_exit_2_with_one_line(tmp_path, bad, named, dry_run):
     episodes_tree(tmp_path, episodes=1, steps=2)
-    result = _invoke(str(tmp_path), *bad)
-    assert result.exit_code == 2
+    result = _invoke(str(tmp_path), *bad, *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert named in result.stderr
     assert sidecars_under(tmp_path) == []
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from vggtctl.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -92,15 +94,34 @@ def pick_device(requested: str | None, info: DistInfo, devices: list[str] | None
     import torch  # here, not at module level: the CLI imports this module and must start fast
 
     if devices:
-        return torch.device(devices[info.local_rank % len(devices)])
+        return usable_device(devices[info.local_rank % len(devices)], "--devices")
     if requested and requested != "auto":
-        device = torch.device(requested)
+        device = usable_device(requested, "--device")
         if device.type == "cuda" and device.index is None:  # "cuda" means this rank's GPU
             device = torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def usable_device(name: str, option: str = "--device") -> torch.device:
+    """`name` as a device this process can use: cpu, or a CUDA device that is visible."""
+    import torch
+
+    try:
+        device = torch.device(name.strip())
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option} {name}: not a device name (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{option} {name}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option} {name}: no CUDA device is visible to this process")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{option} {name}: only {count} CUDA device(s) are visible")
+    return device
 
 
 def init_group(info: DistInfo, timeout_s: float = 3600) -> bool:

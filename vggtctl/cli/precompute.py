@@ -244,15 +244,10 @@ def register(app: typer.Typer) -> None:
         from vggtctl.precompute import CHUNK_ITEMS, PrecomputeInterrupted, PrecomputeOptions, run
 
         config = find_config(root)
-        gpus_value = pick("gpus", gpus, config, "precompute")
-        if (
-            gpus_value
-            and int(gpus_value) > 1
-            and not os.environ.get(RELAUNCHED_ENV)
-            and "RANK" not in os.environ
-        ):
+        gpus_value = _gpu_count(pick("gpus", gpus, config, "precompute"))
+        if gpus_value and gpus_value > 1 and not os.environ.get(RELAUNCHED_ENV) and "RANK" not in os.environ:
             with _sigterm_as_interrupt():
-                raise typer.Exit(relaunch(int(gpus_value), _strip_gpus(sys.argv[1:])))
+                raise typer.Exit(relaunch(gpus_value, _strip_gpus(sys.argv[1:])))
         info = dist_info()
         try:
             model = pick("vggt_model", vggt_model, config, "precompute")
@@ -374,6 +369,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _gpu_count(value: object) -> int | None:
+    """--gpus (or its setting) as a count of at least 1; a one-line usage error otherwise."""
+    try:
+        count = _int_or_none(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count is not None and count < 1:
+        _exit(_error(ConfigError(f"--gpus {value}: must be a whole number of at least 1")), dist_info())
+    return count
 
 
 def _int_or_none(value: object) -> int | None:

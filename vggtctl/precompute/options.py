@@ -47,6 +47,21 @@ class PrecomputeOptions:
     chunk_items: int = CHUNK_ITEMS  # items per claim; every process on one root must agree
 
 
+def check_options(opts: PrecomputeOptions) -> None:
+    """Refuse values that would otherwise pass quietly: a negative batch size skipped items."""
+    lowest = {
+        "--batch-size": (opts.batch_size, 1),
+        "--workers": (opts.workers, 0),
+        "--limit": (opts.limit, 0),
+        "--max-history": (opts.max_history, 0),
+        "--chunk-items": (opts.chunk_items, 1),
+        "writer threads": (opts.writer_threads, 1),
+    }
+    for name, (value, least) in lowest.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{name} {value}: must be at least {least}")
+
+
 @dataclass
 class Plan:
     items: int

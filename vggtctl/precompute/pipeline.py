@@ -45,6 +45,7 @@ from vggtctl.precompute.options import (
     Plan,
     PrecomputeInterrupted,
     PrecomputeOptions,
+    check_options,
 )
 from vggtctl.precompute.planning import (
     ARCHIVE_BYTES,
@@ -139,8 +140,7 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     root = Path(opts.root)
     if not root.is_dir():
         raise ConfigError(f"{root}: data root is not a folder")
-    if opts.chunk_items < 1:
-        raise ConfigError(f"chunk size must be at least 1 item, not {opts.chunk_items}")
+    check_options(opts)
     grouped = init_group(info)
     try:
         catalog = shared_catalog(opts, info)
