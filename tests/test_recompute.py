@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -62,3 +63,37 @@ def test_compare_tolerances():
     noisy = ref.bfloat16().float()
     assert compare(noisy, ref, "bfloat16")[0]
     assert not compare(ref, ref[:8], "float32")[0]
+
+
+def test_recompute_reports_unreadable_features_instead_of_crashing(cached_tree):
+    victim = sorted(cached_tree.glob("episode_*/*.vggt_cache.pt"))[0]
+    stored = torch.load(victim, map_location="cpu", weights_only=True)
+    poisoned = stored["features"].clone()
+    poisoned[0, 0] = float("nan")  # the header stays valid; only reading the tensor tells
+    sidecar.write(victim, poisoned, stored["meta"])
+    try:
+        code, doc = _verify(cached_tree, 3)
+        assert code == 1
+        bad = [c for c in doc["recompute"]["checks"] if not c["ok"]]
+        assert [c["path"] for c in bad] == [str(victim)]
+        assert "cannot read the stored features" in bad[0]["reason"] and "NaN" in bad[0]["reason"]
+    finally:
+        sidecar.write(victim, stored["features"], stored["meta"])
+
+
+def test_recompute_compares_only_valid_sidecars_and_counts_the_others(cached_tree):
+    images = sorted(cached_tree.glob("episode_*/*.jpg"))
+    last = images[-1]  # no later frame streams it as history: only its own sidecar goes stale
+    before = last.stat()
+    last.write_bytes(last.read_bytes() + b"\0")  # the image changed: its sidecar is stale
+    try:
+        result = CliRunner().invoke(app, ["verify", str(cached_tree), "--recompute", "3", "--json"])
+        doc = json.loads(result.stdout)
+        assert result.exit_code == 1  # the stale sidecar is a problem of the verdicts
+        assert doc["recompute"]["skipped_not_valid"] == 1
+        assert doc["recompute"]["checked"] == 2 and doc["recompute"]["mismatches"] == 0
+        text = CliRunner().invoke(app, ["verify", str(cached_tree), "--recompute", "3"]).stdout
+        assert "1 sampled sidecars were not valid for the key" in text
+    finally:
+        last.write_bytes(last.read_bytes()[:-1])
+        os.utime(last, ns=(before.st_atime_ns, before.st_mtime_ns))

@@ -47,6 +47,7 @@ class RecomputeCheck:
 class RecomputeReport:
     requested: int
     checks: list[RecomputeCheck] = field(default_factory=list)
+    skipped_not_valid: int = 0  # drawn, but the header check failed: nothing to compare
 
     @property
     def problems(self) -> list[RecomputeCheck]:
@@ -57,6 +58,7 @@ class RecomputeReport:
             "requested": self.requested,
             "checked": len(self.checks),
             "mismatches": len(self.problems),
+            "skipped_not_valid": self.skipped_not_valid,
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -128,17 +130,19 @@ def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> Recom
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder, preset = build_encoder(opts, catalog.context_kind, device)
     key = encoder.feature_key(context_settings(opts, catalog.context_kind))
-    chosen = sample_items(cached, k, seed)
-    dataset = ItemDataset(chosen, preset, key)
     store = FeatureStore(key)
+    chosen = _valid_sample(cached, store, k, seed, report)
+    dataset = ItemDataset(chosen, preset, key)
     sequence = key.context.kind == "sequence"
     for index, item in enumerate(chosen):
         path = sidecar.sidecar_path(item.image)
-        verdict = store.check(item)
-        if verdict.verdict is not sidecar.Verdict.VALID:
-            report.checks.append(RecomputeCheck(path, False, reason=f"{verdict.verdict}: {verdict.reason}"))
+        try:
+            stored = sidecar.read(path).features
+        except Exception as err:  # NaN/Inf or unreadable since the header check: a problem, not a crash
+            report.checks.append(
+                RecomputeCheck(path, False, reason=f"cannot read the stored features: {err}")
+            )
             continue
-        stored = sidecar.read(path).features
         prepared = dataset[index]
         if isinstance(prepared, Failed):
             report.checks.append(RecomputeCheck(path, False, reason=prepared.failure.reason))
@@ -148,3 +152,24 @@ def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> Recom
         ok, max_abs, cosine, reason = compare(stored, fresh, str(stored.dtype).removeprefix("torch."))
         report.checks.append(RecomputeCheck(path, ok, max_abs, cosine, reason))
     return report
+
+
+def _valid_sample(
+    cached: list[Any], store: FeatureStore, k: int, seed: int | None, report: RecomputeReport
+) -> list[Any]:
+    """Up to `k` random items whose sidecar passes the header check for the key.
+
+    A stale or mismatched sidecar cannot be compared with a fresh encoding (it was made from
+    other inputs); verify's own pass already reports it. Drawing until k valid ones are found
+    keeps the K comparisons K, but stops after 20 x k candidates (at least 100): a cache that is
+    mostly invalid is shown by the verdicts, and its header checks should not run on forever.
+    """
+    chosen: list[Any] = []
+    for item in sample_items(cached, min(len(cached), max(100, 20 * k)), seed):
+        if len(chosen) == k:
+            break
+        if store.check(item).verdict is sidecar.Verdict.VALID:
+            chosen.append(item)
+        else:
+            report.skipped_not_valid += 1
+    return chosen

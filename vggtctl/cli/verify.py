@@ -134,4 +134,9 @@ def run(
             render.out.print(
                 f"[red]{len(rechecked.problems)} of {len(rechecked.checks)} recomputed items differ[/]"
             )
+        if rechecked.skipped_not_valid:
+            render.out.print(
+                f"{rechecked.skipped_not_valid} sampled sidecars were not valid for the key and were "
+                "not recomputed (the verdicts above count them)"
+            )
     return code
