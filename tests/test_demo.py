@@ -64,3 +64,28 @@ def test_demo_interrupted_exits_130_with_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["demo", str(tmp_path / "demo"), "--episodes", "1", "--steps", "2"])
     assert result.exit_code == 130
     assert "interrupted; rerun `vggtctl demo` to resume" in result.output
+
+
+def test_demo_refuses_a_folder_it_did_not_make_and_touches_nothing(tmp_path):
+    from vggtctl.demo import make_dataset
+
+    real = tmp_path / "real"
+    make_dataset(real, episodes=1, steps=2, size=(32, 24))
+    (real / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in real.rglob("*"))
+    result = CliRunner().invoke(app, ["demo", str(real)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "not made by `vggtctl demo`" in result.stderr
+    assert sorted(p.name for p in real.rglob("*")) == before  # no sidecar, no manifest
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = CliRunner().invoke(app, ["demo", str(afile)])
+    assert result.exit_code == 2 and "not a folder" in result.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["demo", str(empty), "--episodes", "1", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (empty / ".vggtctl" / "demo").is_file()

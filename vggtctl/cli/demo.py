@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
         max_history: int = typer.Option(3, "--max-history", min=0, help="History frames per item."),
     ) -> None:
         """Generate a small synthetic episodes dataset, precompute it with the built-in
-        `tiny-random` model on the CPU, then show `status`.
+        `tiny-random` model on the CPU, then show `status`. DIR must be new, empty, or a
+        demo made before: the demo never runs over real data.
 
         tiny-random has seeded random weights: its features are meaningless and only show the
         machinery. Rerunning the demo resumes (nothing left to encode).
@@ -31,11 +32,12 @@ def register(app: typer.Typer) -> None:
         from vggtctl.cli.precompute import RichReporter, _summary_table
         from vggtctl.cli.status import run as status_run
         from vggtctl.cli.status import show as status_show
-        from vggtctl.demo import make_dataset
+        from vggtctl.demo import prepare_demo_root
         from vggtctl.precompute import PrecomputeOptions, run
 
-        if not any(directory.glob("episode_*")):
-            paths = make_dataset(directory, episodes=episodes, steps=steps)
+        with render.command_errors():
+            paths = prepare_demo_root(directory, episodes, steps)
+        if paths:
             render.err.print(f"generated {len(paths)} frames in {episodes} episodes under {directory}")
         opts = PrecomputeOptions(
             root=directory,
