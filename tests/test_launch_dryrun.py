@@ -101,6 +101,19 @@ def test_two_node_dry_run_prints_paste_ready_commands(
         assert env["PYTHONUNBUFFERED"] == "1" and int(env["OMP_NUM_THREADS"]) >= 1
 
 
+def test_a_relative_data_root_is_exported_absolute(tmp_path, monkeypatch) -> None:
+    """Node 1, another working folder and emitted scripts must all reach the same root."""
+    root = launch_tree.make_root(tmp_path, total=2, valid=2)
+    monkeypatch.chdir(root.parent)
+    plan = build_plan(
+        TrainOptions(nodes=1, data_root=root.name, feature_key=KEY_JSON),
+        environ={"PATH": os.environ["PATH"]},
+        cuda_devices=0,
+    )
+    assert plan.cache_env()["VGGTCTL_DATA_ROOT"] == str(root)
+    assert Path(plan.cache_env()["VGGTCTL_DATA_ROOT"]).is_absolute()
+
+
 def test_other_nodes_find_their_interface_themselves() -> None:
     environ = {"PATH": os.environ["PATH"]}
     plan = build_plan(

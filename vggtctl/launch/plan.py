@@ -149,7 +149,8 @@ def build_plan(
     config = find_config(root_setting.value, explicit=options.config)
     if root_setting.value in (None, ""):
         root_setting = pick("data_root", None, config, environ={})
-    data_root = Path(str(root_setting.value)).expanduser() if root_setting.value else None
+    # absolute: the path is exported to every rank of every node and written into scripts
+    data_root = Path(str(root_setting.value)).expanduser().absolute() if root_setting.value else None
 
     profile_setting = pick("profile", options.profile, config, "h800", environ=environ)
     profile = load_profile(str(profile_setting.value))
