@@ -20,7 +20,8 @@ from vggtctl.errors import EXIT_USAGE
 if TYPE_CHECKING:
     from vggtctl.launch.plan import TrainPlan
 
-HELP = """Launch training with the VGGT feature cache on 1 or 2 nodes through torchrun.
+HELP = """Launch training with the VGGT feature cache through torchrun, on one node or several
+(typically 1 or 2 nodes of 8 GPUs; any count works the same way).
 
 Everything after `--` goes to the trainer unchanged. Runbook: docs/multi-node.md.
 
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
     )
     def command(
         ctx: typer.Context,
-        nodes: int | None = typer.Option(None, "--nodes", help="Nodes in the job (1 or 2).", min=1),
+        nodes: int | None = typer.Option(None, "--nodes", help="Nodes in the job (typically 1 or 2; any count).", min=1),
         node_rank: int | None = typer.Option(
             None, "--node-rank", help="This node's rank (0 = master).", min=0
         ),
