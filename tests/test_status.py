@@ -241,3 +241,29 @@ def test_terminal_table_drops_columns_rather_than_cutting_numbers(
     assert not any("…" in line for line in lines)
     narrow_note = any(line.startswith("(narrow terminal:") for line in lines)
     assert narrow_note == (width < 100)
+
+
+def test_piped_output_keeps_long_names_on_one_line(tmp_path) -> None:
+    """Off a terminal (a pipe, a log file) nothing is wrapped or cut at 80 columns: a problem's
+    path in verify's table stays whole, so it can be grepped and pasted."""
+    import subprocess
+    import sys
+
+    import treebuilder as tb
+
+    name = "episode_" + "x" * 150
+    broken = tb.write_sidecar(tb.write_image(tmp_path / name / "a.jpg"))
+    tb.truncate(broken)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    for command in (["status"], ["verify"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "vggtctl", *command, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode in (0, 1, 3), done.stderr
+        assert any(name in line for line in done.stdout.splitlines()), done.stdout
+        assert "…" not in done.stdout
+    assert f"{name}/a.jpg.vggt_cache.pt" in done.stdout

@@ -22,8 +22,23 @@ def _color_allowed() -> bool:
     return "NO_COLOR" not in os.environ
 
 
-out = Console(no_color=not _color_allowed(), highlight=False, soft_wrap=False)
-err = Console(stderr=True, no_color=not _color_allowed(), highlight=False)
+# Piped into a file or a log, Rich would lay out for 80 columns: table cells wrap, long paths
+# are cut with an ellipsis, and one error becomes two lines. Off a terminal, lines are as long
+# as their content (COLUMNS, when set, still decides).
+PIPED_WIDTH = 4096
+
+
+def _width(stream: Any) -> int | None:
+    if "COLUMNS" in os.environ:
+        return None
+    try:
+        return None if stream.isatty() else PIPED_WIDTH
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return PIPED_WIDTH
+
+
+out = Console(no_color=not _color_allowed(), highlight=False, soft_wrap=False, width=_width(sys.stdout))
+err = Console(stderr=True, no_color=not _color_allowed(), highlight=False, width=_width(sys.stderr))
 
 
 def print_json(document: Any) -> None:

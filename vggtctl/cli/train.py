@@ -50,7 +50,9 @@ def register(app: typer.Typer) -> None:
     )
     def command(
         ctx: typer.Context,
-        nodes: int | None = typer.Option(None, "--nodes", help="Nodes in the job (typically 1 or 2; any count).", min=1),
+        nodes: int | None = typer.Option(
+            None, "--nodes", help="Nodes in the job (typically 1 or 2; any count).", min=1
+        ),
         node_rank: int | None = typer.Option(
             None, "--node-rank", help="This node's rank (0 = master).", min=0
         ),
