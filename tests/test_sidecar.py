@@ -220,15 +220,27 @@ def test_hostile_torch_save_is_corrupt_and_never_runs(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_truncated_and_empty_and_garbage_are_corrupt(tmp_path: Path) -> None:
-    for name, mangle in (
-        ("t.jpg", lambda p: tb.truncate(p, 0.7)),
-        ("e.jpg", lambda p: p.write_bytes(b"")),
-        ("g.jpg", lambda p: p.write_bytes(os.urandom(300))),
+def test_truncated_and_empty_and_garbage_are_corrupt_with_a_plain_reason(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a user's file")
+
+    def link(p: Path) -> None:
+        p.unlink()
+        p.symlink_to(outside)
+
+    for name, mangle, reason in (
+        ("t.jpg", lambda p: tb.truncate(p, 0.7), "truncated: the zip directory at the end is missing"),
+        ("e.jpg", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        ("g.jpg", lambda p: p.write_bytes(b"\x00" + os.urandom(300)), "not a zip archive"),
+        ("s.jpg", link, "a symbolic link or special file, not a sidecar (links are not followed)"),
     ):
         path = tb.write_sidecar(tb.write_image(tmp_path / name))
         mangle(path)
-        assert sidecar.classify(path).verdict is Verdict.CORRUPT, name
+        for full in (False, True):
+            got = sidecar.classify(path, full=full)
+            assert got.verdict is Verdict.CORRUPT, name
+            assert got.reason.startswith(reason), (name, got.reason)
+    assert outside.read_text() == "a user's file"
 
 
 def test_legacy_file_is_legacy_and_readable(tmp_path: Path) -> None:

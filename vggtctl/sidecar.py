@@ -338,7 +338,8 @@ def classify(
     except SidecarFormatError as err:
         return Classification(path, Verdict.CORRUPT, str(err))
     except Exception as err:  # any unloadable file: truncated zip, pickle, permissions, ...
-        return Classification(path, Verdict.CORRUPT, f"cannot load: {type(err).__name__}: {_first_line(err)}")
+        reason = torchzip.damage(path) or f"cannot load: {type(err).__name__}: {_first_line(err)}"
+        return Classification(path, Verdict.CORRUPT, reason)
     image = image_path_of(path)
     st = lookup(image) if image_stat is _UNSET else image_stat
     if header.version == 0:

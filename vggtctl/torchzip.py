@@ -228,6 +228,44 @@ def _collect(obj: Any, found: list[TensorInfo], seen: set[int]) -> None:
 # --------------------------------------------------------------------------- the zip
 
 
+# A sidecar is a regular file: a symlink in its place is refused (ELOOP), not followed to
+# wherever it points (outside the data root, say).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open(path: str | os.PathLike[str]) -> int:
+    return os.open(path, _OPEN_FLAGS)
+
+
+def damage(path: str | os.PathLike[str]) -> str | None:
+    """What is evidently wrong with a file that does not load as a torch zip, in plain words;
+    None where nothing is evident (then the loader's own error is the best account)."""
+    try:
+        st = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path):
+            return "a symbolic link or special file, not a sidecar (links are not followed)"
+        if st.st_size == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head != b"PK\x03\x04":
+            return "not a zip archive: not written by torch.save"
+        fd = _open(path)
+        try:
+            _Archive(fd)
+        finally:
+            os.close(fd)
+    except NotUnderstood as err:
+        if str(err) in ("too short for a zip", "no plain end-of-directory record at the end"):
+            return f"truncated: the zip directory at the end is missing ({st.st_size:,} bytes)"
+        if str(err).startswith("directory runs past"):
+            return f"truncated: the zip directory is cut short ({st.st_size:,} bytes)"
+        return None
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
 class _Archive:
     """A torch zip's directory from two reads; members are sliced from them when they can be."""
 
@@ -314,7 +352,7 @@ def load_structure(path: str | os.PathLike[str]) -> tuple[Any, list[TensorInfo]]
     """The unpickled object (tensors as TensorInfo) and every tensor in it, each checked against
     its storage record. Only the archive's first and last pages are read (more only for a
     data.pkl longer than a page)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = _open(path)
     try:
         archive = _Archive(fd)
         first = next(iter(archive.members), "")
@@ -354,7 +392,7 @@ def check_checksums(path: str | os.PathLike[str], chunk: int = 4 << 20) -> int:
     CRC is 0 is skipped: torch writes 0 when told not to compute CRCs. Raises `BadArchive` on a
     mismatch, `NotUnderstood` where the archive is not one this module models.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = _open(path)
     try:
         archive = _Archive(fd)
         checked = 0
