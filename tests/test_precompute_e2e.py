@@ -321,6 +321,29 @@ def test_unwritable_folder_is_a_per_item_failure(tmp_path, monkeypatch):
     assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in images if p not in in_locked)
 
 
+def test_an_unreadable_folder_is_named_once_and_makes_the_run_partial(tmp_path, monkeypatch):
+    import scantree
+
+    images = episodes_tree(tmp_path, episodes=2, steps=2)
+    locked = tmp_path / "episode_001"
+    scantree.deny(monkeypatch, locked)
+    result = _invoke(str(tmp_path), "--max-history", "2")
+    assert result.exit_code == 3, result.output
+    line = f"{locked}: cannot read this folder (Permission denied); its images are left out"
+    assert line in result.stderr.splitlines()
+    assert "1 folders could not be read" in result.stderr
+    assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in images if "episode_000" in p)
+
+
+def test_an_image_an_episode_cannot_place_is_named(tmp_path):
+    episodes_tree(tmp_path, episodes=1, steps=2)
+    stray = tmp_path / "episode_000" / "step_2_TURN LEFT.jpg"  # a space: not an action name
+    image(stray, seed=5)
+    result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"{stray}: image left out: its name is not step_<idx>_<ACTION>.(jpg|png)" in result.stderr
+
+
 def test_unwritable_data_root_is_a_clear_error(tmp_path):
     episodes_tree(tmp_path, episodes=1, steps=2)
     (tmp_path / ".vggtctl").write_text("a file where the run state folder should be")

@@ -75,11 +75,28 @@ def load_catalog(
     if not os.path.isdir(root_text):
         raise ConfigError(f"{root_text}: not a folder")
     listings = list(walk_names(root_text, workers))
-    problems = [CatalogProblem(listing.path, None, listing.error) for listing in listings if listing.error]
+    unreadable = [listing for listing in listings if listing.error]
+    problems = [
+        CatalogProblem(
+            listing.path,
+            None,
+            f"cannot read this folder ({listing.error.removeprefix(listing.path + ': ')}); "
+            "its images are left out",
+        )
+        for listing in unreadable
+    ]
     chosen, reason = _pick_layout(root_text, listings, layout)
     kind = _context_kind(chosen, context)
     if chosen == "plain":
-        return Catalog(build_plain(root_text, listings), "plain", reason, kind, problems, root=root_text)
+        return Catalog(
+            build_plain(root_text, listings),
+            "plain",
+            reason,
+            kind,
+            problems,
+            root=root_text,
+            unreadable_folders=len(unreadable),
+        )
     items, builder = build_episodes(root_text, listings, max_history, kind == "sequence")
     return Catalog(
         items,
@@ -92,6 +109,7 @@ def load_catalog(
         episodes=len(builder.episodes),
         ignored_files=builder.ignored,
         ignored_examples=builder.ignored_examples,
+        unreadable_folders=len(unreadable),
     )
 
 

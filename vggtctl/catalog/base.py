@@ -66,6 +66,7 @@ class Catalog:
     ignored_files: int = 0  # files in episode folders that are not step images
     ignored_examples: list[str] = field(default_factory=list)
     dropped_items: int = 0  # samples dropped because a frame is missing
+    unreadable_folders: int = 0  # folders the walk could not list: their images are unknown
 
     def __len__(self) -> int:
         return len(self.items)

@@ -66,10 +66,19 @@ class EpisodeBuilder:
                 steps.append((idx, name))
         if not steps:
             return
-        for name in listing.others + [n for n in listing.images if step_index(n) is None]:
+        misnamed = [n for n in listing.images if step_index(n) is None]
+        for name in listing.others + misnamed:
             self.ignored += 1
             if len(self.ignored_examples) < IGNORED_EXAMPLES:
                 self.ignored_examples.append(os.path.join(listing.path, name))
+        for name in misnamed:  # an image in an episode that is no step of it: say so, by name
+            self.problems.append(
+                CatalogProblem(
+                    os.path.join(listing.path, name),
+                    None,
+                    "image left out: its name is not step_<idx>_<ACTION>.(jpg|png)",
+                )
+            )
         steps.sort()
         duplicates = sorted(idx for idx, count in Counter(idx for idx, _ in steps).items() if count > 1)
         if duplicates:

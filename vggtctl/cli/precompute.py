@@ -120,7 +120,7 @@ def _plan_table(outcome: Outcome) -> Table:
         table.add_row("decode workers", workers + (" (reduced: see below)" if plan.decode_note else ""))
     if plan.missing_images or plan.catalog_problems:
         table.add_row(
-            "catalog problems", f"{plan.catalog_problems} lines, {plan.missing_images} missing images"
+            "catalog problems", f"{plan.catalog_problems} problems, {plan.missing_images} missing images"
         )
     return table
 
@@ -153,6 +153,10 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
         table.add_row("bound by", reading)
     if outcome.failed:
         table.add_row("failures listed in", str(failures_path(root)))
+    if outcome.plan.unreadable_folders:
+        table.add_row(
+            "unreadable folders", f"{outcome.plan.unreadable_folders:,} (their images were not seen)"
+        )
     return table
 
 
@@ -304,8 +308,9 @@ def register(app: typer.Typer) -> None:
 
 
 def exit_code(outcome: Outcome) -> int:
-    """0 when every item this run took on has a sidecar now, 3 (partial) otherwise."""
-    if outcome.disk_full or outcome.verify_problems or outcome.failed:
+    """0 when every item this run took on has a sidecar now, 3 (partial) otherwise; also 3 when
+    folders could not be read (their images were never seen, so they cannot be covered)."""
+    if outcome.disk_full or outcome.verify_problems or outcome.failed or outcome.plan.unreadable_folders:
         return EXIT_PARTIAL
     return 0
 
@@ -334,6 +339,13 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
         )
     if outcome.verify_problems:
         render.err.print(f"{outcome.verify_problems} written sidecars failed the full read", markup=False)
+    if outcome.plan.unreadable_folders:
+        render.err.print(
+            f"{outcome.plan.unreadable_folders} folders could not be read; their images were not "
+            "encoded (listed above; fix their permissions and rerun)",
+            markup=False,
+            soft_wrap=True,
+        )
     if outcome.failed:
         # soft_wrap: a path broken over two lines cannot be pasted
         render.err.print(

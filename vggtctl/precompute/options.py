@@ -79,6 +79,7 @@ class Plan:
     missing_images: int
     catalog_problems: int
     input_bytes_per_item: int = 0  # decoded pixels of one item (sizes the decode workers)
+    unreadable_folders: int = 0  # the walk could not list them: their images were not seen
     batch_size: int = 0
     decode_workers: int = 0  # per rank, after fitting /dev/shm
     decode_prefetch: int | None = None  # tasks queued per worker

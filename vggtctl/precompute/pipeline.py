@@ -161,6 +161,11 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             device,
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
+        if info.is_main:  # a dry run is where they matter most
+            for problem in catalog.problems[:SHOWN_PROBLEMS]:
+                reporter.message(f"{problem}")
+            if len(catalog.problems) > SHOWN_PROBLEMS:
+                reporter.message(f"... and {len(catalog.problems) - SHOWN_PROBLEMS} more catalog problems")
         if opts.dry_run:
             if grouped:
                 _merge_plans(outcome, info)
@@ -246,13 +251,6 @@ def _execute(
     start = time.perf_counter()
     try:
         rank_reporter.start(len(todo), outcome.plan)
-        if info.is_main:
-            for problem in catalog.problems[:SHOWN_PROBLEMS]:
-                rank_reporter.message(f"{problem}")
-            if len(catalog.problems) > SHOWN_PROBLEMS:
-                rank_reporter.message(
-                    f"... and {len(catalog.problems) - SHOWN_PROBLEMS} more catalog problems"
-                )
         _encode_all(opts, items, my_chunks, store, encoder, key, preset, device, claims, progress, outcome)
     except KeyboardInterrupt:
         outcome.interrupted = True

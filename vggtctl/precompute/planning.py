@@ -195,6 +195,7 @@ def plan_run(
         context=catalog.context_kind,
         missing_images=len(catalog.missing_images),
         catalog_problems=len(catalog.problems),
+        unreadable_folders=catalog.unreadable_folders,
         input_bytes_per_item=input_bytes_per_item,
     )
     plan.batch_size = batch_size_for(opts, key, device)
