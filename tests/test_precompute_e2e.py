@@ -113,6 +113,37 @@ def test_other_history_length_is_a_context_mismatch(tmp_path):
     assert verdicts(other[1:], _key(outcome)) == {"context-mismatch": 3}
 
 
+def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
+    """A run with another --max-history makes it current (and says so first); from then on,
+    verify, status --deep and prune --model-changed agree with the trainer: the sidecars cached
+    with the old history are context-mismatch, not valid."""
+    images = episodes_tree(tmp_path, episodes=2, steps=3)
+    run(opts(tmp_path, max_history=2))
+    same = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
+    assert "differ from the root's current ones" not in same.stderr
+    changed = _invoke(str(tmp_path), "--max-history", "3", "--limit", "1")
+    assert changed.exit_code == 0, changed.output
+    assert "note: these settings differ from the root's current ones (max_history 2 -> 3)" in changed.stderr
+
+    doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
+    counts = {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]}
+    assert counts == {"valid": 1, "context-mismatch": len(images) - 1}
+    assert "max_history 3" in doc["expectation"]
+    reasons = {p["reason"] for p in doc["problems"]}
+    assert reasons == {
+        "cached with 3 history frames: the episodes layout with max_history 3 streams 4 for this step"
+    }
+    served = verdicts(
+        catalog_items(tmp_path, max_history=3), _key(run(opts(tmp_path, max_history=3, limit=0)))
+    )
+    assert served == {"valid": 1, "context-mismatch": len(images) - 1}  # what a trainer is served
+
+    status = json.loads(CliRunner().invoke(app, ["status", str(tmp_path), "--deep", "--json"]).stdout)
+    assert {v: d["count"] for v, d in status["deep"]["verdicts"].items()} == counts
+    pruned = CliRunner().invoke(app, ["prune", str(tmp_path), "--model-changed", "--dry-run", "--json"])
+    assert json.loads(pruned.stdout)["plan"]["categories"]["model-changed"]["files"] == len(images) - 1
+
+
 def test_plain_layout_context_none(tmp_path):
     images = plain_tree(tmp_path)
     outcome = run(opts(tmp_path))

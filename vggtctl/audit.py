@@ -13,11 +13,13 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vggtctl import manifest, scan
-from vggtctl.keys import checkpoint_fingerprint
+from vggtctl.catalog.base import Item, item_frames_for_key
+from vggtctl.catalog.episodes import episode_histories
+from vggtctl.keys import FeatureKey, checkpoint_fingerprint
 from vggtctl.sidecar import Expectation, Verdict, classify
 
 CHUNK = 32  # sidecars per pool task: amortizes task overhead on folders with many files
@@ -177,8 +179,10 @@ class Auditor:
         examples: int = 5,
         group_of: Callable[[str], str] | None = None,
         progress: ProgressCallback | None = None,
+        history: HistoryRule | None = None,
     ) -> None:
         self.expect = expect
+        self.history = history
         self.full = full
         self.group_of = group_of
         self.progress = progress
@@ -209,17 +213,20 @@ class Auditor:
             self._found += len(listing.temps) + len(listing.sidecars)
             self._done += len(listing.temps)
         names = sorted(listing.sidecars)
+        streamed = self.history.frames_by_image(listing) if self.history and names else {}
         for start in range(0, len(names), CHUNK):
             self._slots.acquire()
             try:
-                self._pool.submit(self._classify_chunk, listing, names[start : start + CHUNK])
+                self._pool.submit(self._classify_chunk, listing, names[start : start + CHUNK], streamed)
             except BaseException:
                 self._slots.release()
                 raise
         if listing.temps and self.progress is not None:
             self.progress(self._done, self._found)
 
-    def _classify_chunk(self, listing: scan.DirListing, names: list[str]) -> None:
+    def _classify_chunk(
+        self, listing: scan.DirListing, names: list[str], streamed: dict[str, tuple[str, ...]]
+    ) -> None:
         try:
             lookup = listing.stat_lookup()
             results = []
@@ -231,9 +238,15 @@ class Auditor:
                     # Not listed: gone, or a name the scan does not count as an image (e.g.
                     # `.tif`). Ask the file system so such sidecars are never called orphans.
                     image_stat = _stat_or_none(os.path.join(listing.path, image_name))
-                result = classify(
-                    path, self.expect, full=self.full, image_stat=image_stat, stat_lookup=lookup
-                )
+                frames = streamed.get(image_name)
+                expect, gone = self.expect, None
+                if frames is not None and self.expect is not None and self.history is not None:
+                    expect, gone = self.history.expectation(self.expect, frames, lookup)
+                result = classify(path, expect, full=self.full, image_stat=image_stat, stat_lookup=lookup)
+                if frames is not None and result.verdict is Verdict.CONTEXT_MISMATCH and self.history:
+                    recorded = result.header.meta["context"].get("frames") if result.header else None
+                    why = f"context frame {gone} is gone" if gone else self.history.explain(recorded, frames)
+                    result = replace(result, reason=why)
                 results.append((result, listing.sidecars[name]))
             with self._lock:
                 for result, st in results:
@@ -279,10 +292,17 @@ def audit(
     progress: ProgressCallback | None = None,
     group_of: Callable[[str], str] | None = None,
     examples: int = 5,
+    history: HistoryRule | None = None,
 ) -> AuditReport:
     """One walk of `root`, every sidecar and temp file classified."""
     auditor = Auditor(
-        expect, full=full, workers=workers, examples=examples, group_of=group_of, progress=progress
+        expect,
+        full=full,
+        workers=workers,
+        examples=examples,
+        group_of=group_of,
+        progress=progress,
+        history=history,
     )
     try:
         scan.summarize(root, workers=workers, on_listing=auditor.feed)
@@ -292,6 +312,8 @@ def audit(
     report = auditor.report()
     report.root = os.fspath(root)
     report.expectation = describe(expect)
+    if history is not None and has_model_check(expect):
+        report.expectation += f", {history.describe()}"
     return report
 
 
@@ -331,6 +353,56 @@ def expectation_from(root: str | os.PathLike[str], vggt_model: str | None = None
     return Expectation(
         model=key.model, preprocess_fingerprint=key.preprocess_fingerprint, context_kind=key.context.kind
     )
+
+
+@dataclass(frozen=True)
+class HistoryRule:
+    """The history a trainer streams for each image: the episodes layout's rule with the
+    recorded max_history. Checked per sidecar, a sidecar cached with another history (another
+    --max-history) is a context-mismatch, as the trainer's preflight and FeatureStore see it;
+    without the rule, a sidecar is only checked against the frames it names itself."""
+
+    key: FeatureKey
+    max_history: int
+
+    def describe(self) -> str:
+        return f"history of the episodes layout with max_history {self.max_history}"
+
+    def frames_by_image(self, listing: scan.DirListing) -> dict[str, tuple[str, ...]]:
+        return episode_histories(listing.path, listing.images, self.max_history)
+
+    def expectation(
+        self, base: Expectation, streamed: tuple[str, ...], lookup: Callable[[str], Any]
+    ) -> tuple[Expectation, str | None]:
+        """`base` with the item's context signature; and the first frame that is gone, if any."""
+        try:
+            signature = self.key.signature_for(item_frames_for_key(Item(streamed), lookup))
+        except FileNotFoundError as err:
+            gone = os.path.relpath(str(err.filename), os.path.dirname(streamed[-1]))
+            return replace(base, context_signature="-", check_context_frames=False), gone
+        return replace(base, context_signature=signature, check_context_frames=False), None
+
+    def explain(self, header_frames: list[str] | None, streamed: tuple[str, ...]) -> str:
+        wanted = [os.path.relpath(p, os.path.dirname(streamed[-1])) for p in streamed]
+        if header_frames is not None and list(header_frames) != wanted:
+            which = "other" if len(header_frames) == len(wanted) else str(len(header_frames))
+            return (
+                f"cached with {which} history frames: the episodes layout with max_history "
+                f"{self.max_history} streams {len(wanted)} for this step"
+            )
+        return "a context frame changed since the sidecar was written"
+
+
+def history_rule_from(root: str | os.PathLike[str]) -> HistoryRule | None:
+    """The rule of the manifest's latest run, where it is the episodes layout with context."""
+    loaded = manifest.load(root)
+    key, settings = loaded.current_key, loaded.last_run_settings() or {}
+    if key is None or key.context.kind != "sequence" or settings.get("layout") != "episodes":
+        return None
+    try:
+        return HistoryRule(key, int(settings["max_history"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def has_model_check(expect: Expectation | None) -> bool:

@@ -232,12 +232,14 @@ def build_status(
         from vggtctl import audit
 
         expect = audit.expectation_from(root, vggt_model)
+        history = None if vggt_model else audit.history_rule_from(root)
         auditor = audit.Auditor(
             expect,
             full=False,
             workers=workers,
             group_of=lambda path: scan.group_of(root, os.path.dirname(path), depth),
             progress=progress,
+            history=history,
         )
         try:
             summary = scan.summarize(root, depth, workers, on_listing=auditor.feed)
@@ -246,6 +248,8 @@ def build_status(
             raise
         audit_report = auditor.report()
         audit_report.expectation = audit.describe(expect)
+        if history is not None and audit.has_model_check(expect):
+            audit_report.expectation += f", {history.describe()}"
     else:
         summary = scan.summarize(root, depth, workers, processes=processes, progress=scan_progress)
     elapsed = time.perf_counter() - started

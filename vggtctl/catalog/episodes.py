@@ -102,12 +102,30 @@ class EpisodeBuilder:
             rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
             for j, path in enumerate(paths):
                 sample_id = os.path.basename(path) if rel == "." else f"{rel}/{os.path.basename(path)}"
-                if self.sequence:
-                    frames = tuple(paths[p] for p in history_positions(j, self.max_history))
-                else:
-                    frames = (path,)
+                frames = _streamed(paths, j, self.max_history) if self.sequence else (path,)
                 items.append(Item(frames, sample_id))
         return items
+
+
+def _streamed(paths: list[str], j: int, max_history: int) -> tuple[str, ...]:
+    """The frames the sample at step position j streams, current last."""
+    return tuple(paths[p] for p in history_positions(j, max_history))
+
+
+def episode_histories(
+    folder: str, image_names: Iterable[str], max_history: int
+) -> dict[str, tuple[str, ...]]:
+    """For one folder: each step image's name -> the frames its item streams (paths), as the
+    catalog builds them; {} for a folder that is no episode (no step image, or a step twice).
+
+    Lets a check that walks folders one at a time (verify, status --deep) judge a sidecar's
+    history against the layout's rule without building the whole catalog.
+    """
+    steps = sorted((idx, name) for name in image_names if (idx := step_index(name)) is not None)
+    if not steps or len({idx for idx, _ in steps}) != len(steps):
+        return {}
+    paths = [os.path.join(folder, name) for _, name in steps]
+    return {name: _streamed(paths, j, max_history) for j, (_, name) in enumerate(steps)}
 
 
 def build_episodes(

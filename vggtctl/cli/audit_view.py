@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from vggtctl.audit import AuditReport, audit
+from vggtctl.audit import AuditReport, HistoryRule, audit
 from vggtctl.cli import render
 from vggtctl.sidecar import Expectation, Verdict
 
@@ -43,6 +43,7 @@ def run_audit(
     workers: int | None,
     group_of: Callable[[str], str] | None = None,
     label: str = "Checking sidecars",
+    history: HistoryRule | None = None,
 ) -> AuditReport:
     with progress_bar(label) as bar:
         task = bar.add_task(label, total=None)
@@ -50,7 +51,9 @@ def run_audit(
         def tick(done: int, found: int) -> None:
             bar.update(task, completed=done, total=found)
 
-        return audit(root, expect, full=full, workers=workers, progress=tick, group_of=group_of)
+        return audit(
+            root, expect, full=full, workers=workers, progress=tick, group_of=group_of, history=history
+        )
 
 
 def shown_path(root: str, path: str) -> str:

@@ -105,7 +105,11 @@ def run(
     expect = audit.expectation_from(root, vggt_model)
     if not audit.has_model_check(expect) and not as_json:
         render.err.print(f"note: {audit.describe(expect)}")
-    report = audit_view.run_audit(root, expect, full=not quick, workers=workers, label="Verifying sidecars")
+    # against the manifest's key, also the history its layout streams (what training is served)
+    history = None if vggt_model else audit.history_rule_from(root)
+    report = audit_view.run_audit(
+        root, expect, full=not quick, workers=workers, label="Verifying sidecars", history=history
+    )
     rechecked = recompute_check(root, recompute, vggt_model) if recompute else None
     ok = report.ok and not (rechecked and rechecked.problems)
     code = EXIT_OK if ok else EXIT_PROBLEMS

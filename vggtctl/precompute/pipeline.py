@@ -50,6 +50,7 @@ from vggtctl.precompute.options import (
 from vggtctl.precompute.planning import (
     ARCHIVE_BYTES,
     build_encoder,
+    changed_settings,
     context_settings,
     first_decoded,
     input_bytes,
@@ -162,6 +163,14 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if info.is_main:  # a dry run is where they matter most
+            changes = changed_settings(opts.root, key, catalog.layout, opts.max_history)
+            if changes:
+                reporter.message(
+                    f"note: these settings differ from the root's current ones ({'; '.join(changes)}); "
+                    "a run with them makes them current, and verify, status, prune and training then "
+                    "judge every sidecar by them: sidecars cached with the old ones no longer count "
+                    "as valid"
+                )
             for problem in catalog.problems[:SHOWN_PROBLEMS]:
                 reporter.message(f"{problem}")
             if len(catalog.problems) > SHOWN_PROBLEMS:

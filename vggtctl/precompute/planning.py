@@ -244,6 +244,34 @@ def input_bytes(decoded: Any | None, frames: int) -> int:
     return decoded.tensor.numel() * decoded.tensor.element_size() * max(1, frames)
 
 
+def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int | None) -> list[str]:
+    """How this run's key and history rule differ from the root's current ones (the manifest's
+    latest run); [] when they agree or nothing is recorded. The run's settings become current
+    when it ends, and verify, status, prune and training then judge every sidecar by them."""
+    from vggtctl import manifest
+
+    recorded = manifest.load(root)
+    old = recorded.current_key
+    if old is None:
+        return []
+    settings = recorded.last_run_settings() or {}
+    changes = []
+    if old.model.fingerprint != key.model.fingerprint:
+        changes.append(f"model {old.model.label} -> {key.model.label}")
+    elif old.model != key.model:
+        changes.append("model settings (layer, attention or dtype)")
+    if old.preprocess_fingerprint != key.preprocess_fingerprint:
+        changes.append(f"preprocessing {old.preset} -> {key.preset}")
+    if old.context != key.context:
+        changes.append(f"context {old.context.kind} -> {key.context.kind}")
+    if settings.get("layout") not in (None, layout):
+        changes.append(f"layout {settings.get('layout')} -> {layout}")
+    sequence = key.context.kind == "sequence" and old.context.kind == "sequence"
+    if sequence and settings.get("max_history") not in (None, max_history):
+        changes.append(f"max_history {settings.get('max_history')} -> {max_history}")
+    return changes
+
+
 def sample_items(items: Sequence[Item], k: int, seed: int | None = None) -> list[Item]:
     rng = random.Random(seed)
     return rng.sample(list(items), min(k, len(items)))
