@@ -364,3 +364,25 @@ def test_property_prune_deletes_exactly_the_selected_files(entries, extras, link
         assert result.deleted == len(expected_gone) and not result.failed and not result.skipped
         assert _files(root) == before - expected_gone
         assert _files(outside.root) == outside_before
+
+
+def test_status_counts_the_orphans_prune_orphans_removes(tmp_path: Path) -> None:
+    """A damaged sidecar whose image is gone is an orphan for both; a sidecar next to a file the
+    scan does not count as an image (readme.txt) is an orphan for neither."""
+    from typer.testing import CliRunner
+
+    from vggtctl.cli.app import app
+
+    gone = tb.write_sidecar(tb.write_image(tmp_path / "ep" / "a.jpg"))
+    tb.truncate(gone)
+    (tmp_path / "ep" / "a.jpg").unlink()
+    tb.write_sidecar(tb.write_image(tmp_path / "ep" / "b.jpg"))
+    (tmp_path / "ep" / "readme.txt").write_text("notes")
+    (tmp_path / "ep" / "readme.txt.vggt_cache.pt").write_bytes(
+        (tmp_path / "ep" / "b.jpg.vggt_cache.pt").read_bytes()
+    )
+    status = json.loads(CliRunner().invoke(app, ["status", str(tmp_path), "--json"]).stdout)
+    assert status["totals"]["orphans"] == 1
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--dry-run", "--json"])
+    plan = json.loads(result.stdout)["plan"]
+    assert [f["path"] for f in plan["files"]] == [str(gone)]

@@ -52,14 +52,28 @@ def test_classify_each_kind(tmp_path: Path, kind: str) -> None:
     assert (got.reason == "") == (verdict is Verdict.VALID)
 
 
-def test_precedence_corrupt_before_orphan_and_orphan_before_legacy(tmp_path: Path) -> None:
+def test_an_orphan_is_an_orphan_whatever_it_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image gone: orphan before corrupt and legacy, judged without opening the file, so status's
+    count by name, `prune --orphans` and verify agree."""
     corrupt_orphan = tb.write_sidecar(tb.write_image(tmp_path / "a.jpg"))
     tb.truncate(corrupt_orphan)
     (tmp_path / "a.jpg").unlink()
     legacy_orphan = tb.write_legacy(tb.write_image(tmp_path / "b.jpg"))
     (tmp_path / "b.jpg").unlink()
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(os.fspath(p)) or real_open(p, *a, **k))
+    for path in (corrupt_orphan, legacy_orphan):
+        for full in (False, True):
+            got = sidecar.classify(path, full=full)
+            assert (got.verdict, got.reason) == (Verdict.ORPHAN, "image is gone")
+    assert opened == []
+    monkeypatch.undo()
+    # with its image present, a truncated sidecar is corrupt and a legacy file legacy
+    tb.write_image(tmp_path / "a.jpg")
+    tb.write_image(tmp_path / "b.jpg")
     assert sidecar.classify(corrupt_orphan).verdict is Verdict.CORRUPT
-    assert sidecar.classify(legacy_orphan).verdict is Verdict.ORPHAN
+    assert sidecar.classify(legacy_orphan).verdict is Verdict.LEGACY
 
 
 def test_quick_vs_full_read_of_nan_features(tmp_path: Path) -> None:

@@ -66,13 +66,20 @@ class DirListing:
     subdirs: list[str] = field(default_factory=list)
     symlinked_dirs: list[str] = field(default_factory=list)
     error: str | None = None
+    # sidecars' "images" that are files of another kind (x.tif, readme.txt): not orphans
+    non_image_owners: set[str] = field(default_factory=set)
 
     def image_of(self, sidecar_name: str) -> str:
         return sidecar_name[: -len(SUFFIX)]
 
     def orphans(self) -> list[str]:
-        """Sidecars whose image is not in this folder."""
-        return [name for name in self.sidecars if self.image_of(name) not in self.images]
+        """Sidecars whose image is not in this folder (a file the scan does not count as an
+        image, `x.tif` say, still owns its sidecar: `classify` asks the file system too)."""
+        return [
+            name
+            for name in self.sidecars
+            if (image := self.image_of(name)) not in self.images and image not in self.non_image_owners
+        ]
 
     def stat_lookup(self) -> Callable[[str], os.stat_result | None]:
         """A stat function answering from this listing for files in this folder."""
@@ -104,6 +111,7 @@ def list_dir(path: str) -> DirListing:
     """
     listing = DirListing(path)
     images, sidecars, temps = listing.images, listing.sidecars, listing.temps
+    others: set[str] = set()  # names of other files, to tell an orphan from a .tif's sidecar
     prefix = path if path.endswith(os.sep) else path + os.sep
     fd = -1
     try:
@@ -130,6 +138,8 @@ def list_dir(path: str) -> DirListing:
                             temps[name] = entry.stat(follow_symlinks=False)
                     elif entry.is_symlink() and entry.is_dir():
                         listing.symlinked_dirs.append(prefix + name)
+                    else:
+                        others.add(name)
                 except FileNotFoundError:
                     continue  # vanished between readdir and stat, or a dangling link
     except OSError as err:
@@ -137,6 +147,9 @@ def list_dir(path: str) -> DirListing:
     finally:
         if fd >= 0:
             os.close(fd)
+    if others:
+        cut = -_SUFFIX_LEN
+        listing.non_image_owners = {n[:cut] for n in sidecars if n[:cut] not in images and n[:cut] in others}
     return listing
 
 
@@ -271,7 +284,9 @@ def listing_stats(listing: DirListing, name: str) -> DirStats:
     for sidecar_name, st in listing.sidecars.items():
         if sidecar_name[:cut] in images:
             stats.cached += 1
-        else:
+        elif sidecar_name[:cut] not in listing.non_image_owners:
+            # a sidecar next to a file the scan does not count as an image (x.tif, readme.txt)
+            # is no orphan: classify asks the file system too, and prune --orphans agrees
             stats.orphans += 1
         stats.sidecar_bytes += st.st_size
         stats.sidecar_disk += _disk(st)

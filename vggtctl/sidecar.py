@@ -321,7 +321,7 @@ def classify(
     image_stat: os.stat_result | None = _UNSET,
     stat_lookup: StatLookup | None = None,
 ) -> Classification:
-    """One verdict per file, in precedence order: temp, corrupt, legacy, orphan, stale,
+    """One verdict per file, in precedence order: temp, orphan, corrupt, legacy, stale,
     model-, preprocess-, context-mismatch, valid.
 
     `full=True` reads the tensor (verify), checks it is finite and every record against its
@@ -334,20 +334,25 @@ def classify(
         return Classification(path, Verdict.TEMP, "temp file left by an interrupted write")
     lookup = stat_lookup or _stat_or_none
     try:
+        image: str | None = image_path_of(path)
+    except ValueError:
+        image = None  # not named like a sidecar: judged by its content, then refused below
+    st = None
+    if image is not None:
+        st = lookup(image) if image_stat is _UNSET else image_stat
+        if st is None:  # judged without opening the file: whatever it holds, nothing can use it
+            return Classification(path, Verdict.ORPHAN, "image is gone")
+    try:
         header = read(path, check_crc=True).header if full else read_header(path)
     except SidecarFormatError as err:
         return Classification(path, Verdict.CORRUPT, str(err))
     except Exception as err:  # any unloadable file: truncated zip, pickle, permissions, ...
         reason = torchzip.damage(path) or f"cannot load: {type(err).__name__}: {_first_line(err)}"
         return Classification(path, Verdict.CORRUPT, reason)
-    image = image_path_of(path)
-    st = lookup(image) if image_stat is _UNSET else image_stat
+    if image is None:
+        image_path_of(path)  # raises: the name says which image it belongs to, and this one does not
     if header.version == 0:
-        if st is None:
-            return Classification(path, Verdict.ORPHAN, "image is gone (legacy file)", header)
         return Classification(path, Verdict.LEGACY, "legacy file without provenance", header)
-    if st is None:
-        return Classification(path, Verdict.ORPHAN, "image is gone", header)
     meta = header.meta
     change = image_change(meta["image"], st, image)
     if change:
