@@ -19,7 +19,17 @@ def test_missing_manifest_is_empty(tmp_path: Path) -> None:
     assert not (tmp_path / "vggt_cache_manifest.json").exists()
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe", b""])
+MALFORMED = [  # valid JSON, but not what we write: once read as "no current key", silently
+    b'{"format": "vggtctl.manifest", "version": 1, "current": {"feature_key": {"model": 5}}}',
+    b'{"format": "vggtctl.manifest", "version": 1, "current": [], "runs": []}',
+    b'{"format": "vggtctl.manifest", "version": 1, "runs": "x"}',
+    b'{"format": "vggtctl.manifest", "version": 1, "current": {"settings": 3}}',
+]
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe", b"", *MALFORMED]
+)
 def test_corrupt_manifest_warns_and_starts_fresh(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "vggt_cache_manifest.json"
     path.write_bytes(content)

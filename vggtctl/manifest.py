@@ -113,10 +113,22 @@ def _parse(root: str, data: Any) -> Manifest:
         raise ValueError("not a vggtctl manifest")
     if data.get("version") != VERSION:
         raise ValueError(f"unsupported manifest version {data.get('version')!r}")
-    current = data.get("current") if isinstance(data.get("current"), dict) else {}
+    # Valid JSON that is not what we write is a damaged manifest, said as such: read leniently,
+    # it would silently mean "no current key" and turn every check off.
+    current = data.get("current", {})
+    if not isinstance(current, dict):
+        raise ValueError("'current' is not an object")
     key = current.get("feature_key")
+    if key is not None:
+        try:
+            FeatureKey.from_meta(key)
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"current.feature_key is malformed ({type(err).__name__}: {err})") from None
     settings = current.get("settings")
     runs, prunes = data.get("runs"), data.get("prunes")
+    for name, value, kind in (("runs", runs, list), ("prunes", prunes, list), ("settings", settings, dict)):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{name!r} is not a {'list' if kind is list else 'object'}")
     return Manifest(
         root=root,
         feature_key=key if isinstance(key, dict) else None,
@@ -144,9 +156,13 @@ def _read(root: str) -> tuple[Manifest, bool]:
 def load(root: str | os.PathLike[str]) -> Manifest:
     """The manifest under `root`; missing -> empty, corrupt -> empty with `problem` set (and logged)."""
     manifest, corrupt = _read(os.fspath(root))
-    if corrupt:
+    if corrupt and manifest.problem not in _WARNED:  # once per process: commands read it twice
+        _WARNED.add(manifest.problem)
         log.warning("%s", manifest.problem)
     return manifest
+
+
+_WARNED: set[str | None] = set()
 
 
 # --------------------------------------------------------------------------- write
