@@ -11,7 +11,6 @@ import torch
 from vggtctl.errors import ConfigError
 
 CHUNK_ITEMS = 64
-SHOWN_PROBLEMS = 10  # catalog problems printed before a count
 
 
 @dataclass

@@ -39,8 +39,8 @@ from vggtctl.precompute.loading import (
     Prepared,
     _identity,
 )
+from vggtctl.precompute.notices import catalog_notices, settings_notice
 from vggtctl.precompute.options import (
-    SHOWN_PROBLEMS,
     Outcome,
     Plan,
     PrecomputeInterrupted,
@@ -164,17 +164,8 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if info.is_main:  # a dry run is where they matter most
             changes = changed_settings(opts.root, key, catalog.layout, opts.max_history)
-            if changes:
-                reporter.message(
-                    f"note: these settings differ from the root's current ones ({'; '.join(changes)}); "
-                    "a run with them makes them current, and verify, status, prune and training then "
-                    "judge every sidecar by them: sidecars cached with the old ones no longer count "
-                    "as valid"
-                )
-            for problem in catalog.problems[:SHOWN_PROBLEMS]:
-                reporter.message(f"{problem}")
-            if len(catalog.problems) > SHOWN_PROBLEMS:
-                reporter.message(f"... and {len(catalog.problems) - SHOWN_PROBLEMS} more catalog problems")
+            for line in settings_notice(changes) + catalog_notices(catalog, opts.root, items):
+                reporter.message(line)
         if opts.dry_run:
             if grouped:
                 _merge_plans(outcome, info)
