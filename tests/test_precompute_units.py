@@ -380,10 +380,10 @@ class _FakePreset:
         return SimpleNamespace(tensor=torch.zeros(3, 14, 28), input_hw=(14, 28), grid_hw=(1, 2))
 
 
-def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tmp_path, monkeypatch):
+def _six_step_episode(tmp_path):
+    """Six step files of one episode (not images: _FakePreset decodes nothing) and a sequence key."""
     from vggtctl.catalog import load_catalog
     from vggtctl.keys import ContextSettings, FeatureKey, ModelKey
-    from vggtctl.precompute import ItemDataset, Prepared
 
     for i in range(6):
         (tmp_path / "ep").mkdir(exist_ok=True)
@@ -392,6 +392,13 @@ def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tm
     key = FeatureKey(
         ModelKey("f" * 64, "m", 0, "causal", "float32"), "p" * 64, "fake", ContextSettings("sequence")
     )
+    return items, key
+
+
+def test_item_dataset_stats_the_current_image_afresh_and_history_from_its_lru(tmp_path, monkeypatch):
+    from vggtctl.precompute import ItemDataset, Prepared
+
+    items, key = _six_step_episode(tmp_path)
     dataset = ItemDataset(items, _FakePreset(), key)
     counted: list[str] = []
     real_stat = os.stat
@@ -411,18 +418,10 @@ def test_a_frame_shared_by_neighbouring_items_crosses_shared_memory_once(tmp_pat
     items of 4 frames name 6 distinct frames, and 6 storages arrive, not 24 (nor 6 stacks)."""
     from torch.utils.data import DataLoader
 
-    from vggtctl.catalog import load_catalog
-    from vggtctl.keys import ContextSettings, FeatureKey, ModelKey
     from vggtctl.precompute import ItemDataset, Prepared
     from vggtctl.precompute.loading import _identity
 
-    for i in range(6):
-        (tmp_path / "ep").mkdir(exist_ok=True)
-        (tmp_path / "ep" / f"step_{i}_MOVE_FORWARD.jpg").write_bytes(b"x" * (i + 1))
-    items = load_catalog(tmp_path, "episodes", max_history=3).items
-    key = FeatureKey(
-        ModelKey("f" * 64, "m", 0, "causal", "float32"), "p" * 64, "fake", ContextSettings("sequence")
-    )
+    items, key = _six_step_episode(tmp_path)
     loader = DataLoader(
         ItemDataset(items, _FakePreset(), key),
         batch_sampler=[list(range(6))],
