@@ -26,7 +26,7 @@ suite_setup 420
 if [[ -n "${BENCH_SMOKE:-}" ]]; then
     FORWARD_ARGS=(--device cpu --preset tiny --sizes 56 --batches 2 --stream-size 56 --stream-batches 2 --modes eager --quick)
     PRECOMPUTE_ARGS=(--device cpu --model tiny --images 24 --seq-items 6 --batch-size 4 --time-budget 120)
-    SHARED_ARGS=(--items 4)
+    SHARED_ARGS=(--items 2 --size 224 --repeat 1)
 else
     FORWARD_ARGS=(--sizes 644 --batches 32 --stream-size 644 --stream-batches 16 --modes compile)
     PRECOMPUTE_ARGS=(--compile --seq-eager --images 2000 --seq-items 200 --time-budget 230)
