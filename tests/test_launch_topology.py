@@ -114,7 +114,7 @@ def test_toml_config_is_the_last_resort() -> None:
     [
         ({"nodes": 2, "node_rank": 2, "master_addr": "h"}, "must be below"),
         ({"nodes": 2}, "--master-addr is required"),
-        ({"master_port": 70000}, "master_port"),
+        ({"master_port": 70000}, "--master-port 70000: must be in"),
         ({"nodes": 0}, "nodes"),
     ],
 )

@@ -144,6 +144,40 @@ def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
     assert json.loads(pruned.stdout)["plan"]["categories"]["model-changed"]["files"] == len(images) - 1
 
 
+def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
+    """A wrong --layout (or an empty annotation file) must not turn every sidecar into
+    `model-changed` for verify and prune: the run is recorded, its key does not become current."""
+    images = plain_tree(tmp_path)
+    first = run(opts(tmp_path, context="none"))
+    assert first.encoded == len(images)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for wrong in (["--layout", "episodes"], ["--annotations", str(empty), "--context", "none"]):
+        result = _invoke(str(tmp_path), *wrong)
+        assert result.exit_code == 0, result.output
+        assert manifest.load(tmp_path).current_key == _key(first)
+    doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
+    assert {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]} == {"valid": len(images)}
+    assert len(manifest.load(tmp_path).runs) == 3
+
+
+def test_the_manifest_records_annotation_files_absolute(tmp_path, monkeypatch):
+    """verify --recompute and train read them back from any folder and node."""
+    image(tmp_path / "frames" / "a.jpg", 0)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "train.jsonl").write_text(json.dumps({"image": "frames/a.jpg"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(".", "--annotations", "meta/train.jsonl", "--data-path", ".")
+    assert result.exit_code == 0, result.output
+    settings = manifest.load(tmp_path).last_run_settings()
+    assert settings["annotations"] == [str(tmp_path / "meta" / "train.jsonl")]
+    assert settings["data_path"] == str(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)
+    again = CliRunner().invoke(app, ["verify", str(tmp_path), "--recompute", "1", "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["recompute"]["checked"] == 1
+
+
 def test_plain_layout_context_none(tmp_path):
     images = plain_tree(tmp_path)
     outcome = run(opts(tmp_path))

@@ -78,11 +78,15 @@ class Manifest:
         return None
 
     def last_run_settings(self) -> dict[str, Any] | None:
-        """The settings of the latest run that recorded any (what `verify --recompute` reuses)."""
+        """The settings that go with the current key (those of the run that made it current;
+        what `verify --recompute` reuses), else those of the latest run that recorded any. A
+        later run that did not become current (it found no items) does not count."""
+        if self.settings:
+            return dict(self.settings)
         for run in reversed(self.runs):
             if isinstance(run.get("settings"), dict) and run["settings"]:
                 return dict(run["settings"])
-        return dict(self.settings) if self.settings else None
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {

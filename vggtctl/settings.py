@@ -1,13 +1,19 @@
 """Settings resolution shared by all commands: flag, then VGGTCTL_* variable, then vggtctl.toml.
 
 `vggtctl.toml` is looked for in the working folder, then in the data root. Its top-level keys
-apply to every command; a `[<command>]` table overrides them for that command.
+apply to every command; a `[<command>]` table overrides them for that command. Every value
+keeps where it came from (`Setting.source`), so a bad one is reported as one line naming the
+setting, the value and its source, and a relative path from a vggtctl.toml is taken relative
+to that file's folder, not to wherever the command was started.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +26,40 @@ from vggtctl.errors import ConfigError
 
 CONFIG_NAME = "vggtctl.toml"
 ENV_PREFIX = "VGGTCTL_"
+CONFIG_FILE_KEY = "__file__"  # find_config adds it: the file the values were read from
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One resolved value and where it came from ("flag", "env VGGTCTL_X", "vggtctl.toml
+    [command]", "default"); `origin` is the vggtctl.toml it was read from, if any."""
+
+    name: str
+    value: Any
+    source: str
+    origin: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}, {self.origin}" if self.origin else self.source
+
+    def fail(self, reason: str) -> ConfigError:
+        """A one-line error naming the setting, its value and its source."""
+        if self.source == "flag":
+            return ConfigError(f"--{self.name.replace('_', '-')} {self.value}: {reason}")
+        return ConfigError(f"{self.name} = {self.value!r} ({self.where}): {reason}")
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            config = tomllib.load(fh)
     except FileNotFoundError:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path}: cannot read settings: {err}") from err
+    config[CONFIG_FILE_KEY] = os.path.abspath(path)
+    return config
 
 
 def find_config(
@@ -49,39 +79,138 @@ def find_config(
     return {}
 
 
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def pick_setting(
+    name: str,
+    flag_value: Any,
+    config: Mapping[str, Any],
+    command: str | None = None,
+    default: Any = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Setting:
+    """flag > VGGTCTL_<NAME> > [command] table > top-level key > default, with the source."""
+    environ = os.environ if environ is None else environ
+    if flag_value is not None:
+        return Setting(name, flag_value, "flag")
+    variable = env_name(name)
+    if environ.get(variable) not in (None, ""):
+        return Setting(name, environ[variable], f"env {variable}")
+    key = name.lower().replace("-", "_")
+    origin = config.get(CONFIG_FILE_KEY)
+    table = config.get(command) if command else None
+    if isinstance(table, dict) and key in table:
+        return Setting(name, table[key], f"{CONFIG_NAME} [{command}]", origin)
+    if key in config and key != CONFIG_FILE_KEY:
+        return Setting(name, config[key], CONFIG_NAME, origin)
+    return Setting(name, default, "default")
+
+
 def pick(
     name: str,
     flag_value: Any,
-    config: dict[str, Any],
+    config: Mapping[str, Any],
     command: str | None = None,
     default: Any = None,
 ) -> Any:
-    """Resolve one setting: flag > VGGTCTL_<NAME> > [command] table > top-level key > default.
+    """The value alone (see `pick_setting`); environment values arrive as strings."""
+    return pick_setting(name, flag_value, config, command, default).value
 
-    Environment values arrive as strings; the caller converts them.
-    """
-    if flag_value is not None:
-        return flag_value
-    env = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
-    if env not in (None, ""):
-        return env
-    key = name.lower().replace("-", "_")
-    if command and isinstance(config.get(command), dict) and key in config[command]:
-        return config[command][key]
-    if key in config:
-        return config[key]
-    return default
+
+# --------------------------------------------------------------------------- converters
+
+
+def as_int(setting: Setting, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    """A whole number (TOML integer or its text); true/false and 1.7 are refused, not rounded."""
+    value = setting.value
+    if value is None:
+        return None
+    if isinstance(value, (bool, float)):
+        raise setting.fail("not a whole number")
+    if not isinstance(value, int):
+        try:
+            value = int(str(value).strip())
+        except ValueError:
+            raise setting.fail("not a whole number") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise setting.fail(f"must be {bounds}")
+    return value
+
+
+def as_float(setting: Setting, minimum: float, maximum: float) -> float:
+    if isinstance(setting.value, bool):
+        raise setting.fail("not a number")
+    try:
+        value = float(setting.value)
+    except (TypeError, ValueError):
+        raise setting.fail("not a number") from None
+    if not minimum <= value <= maximum:
+        raise setting.fail(f"must be in {minimum}..{maximum}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def as_bool(setting: Setting) -> bool:
+    if isinstance(setting.value, bool):
+        return setting.value
+    text = str(setting.value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise setting.fail("not true/false")
+
+
+def as_str(setting: Setting) -> str | None:
+    """Text (a TOML string, or a flag/env value); a list or number in a text setting is refused."""
+    if setting.value is None:
+        return None
+    if not isinstance(setting.value, str):
+        raise setting.fail("not text")
+    return setting.value
+
+
+def as_list(setting: Setting, separator: str | None = None) -> list[str]:
+    """A TOML list of strings, or one string: split at `separator`, else like a shell would."""
+    value = setting.value
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise setting.fail("not a list of text")
+        return list(value)
+    if not isinstance(value, str):
+        raise setting.fail("not text or a list of text")
+    if separator is not None:
+        return [part for part in value.split(separator) if part.strip()]
+    return shlex.split(value)
+
+
+def as_path(setting: Setting, text: str | None = None) -> Path | None:
+    """The setting (or one `text` of it) as a path; relative to its vggtctl.toml's folder when
+    it came from one, else to the working folder."""
+    text = as_str(setting) if text is None else text
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if setting.origin and not path.is_absolute():
+        path = Path(setting.origin).parent / path
+    return path
 
 
 def resolve_data_root(argument: str | os.PathLike[str] | None) -> Path:
     """ROOT from the argument, else VGGTCTL_DATA_ROOT, else vggtctl.toml `data_root`, else cwd."""
-    if argument is not None:
-        root = Path(argument)
-    elif os.environ.get("VGGTCTL_DATA_ROOT"):
-        root = Path(os.environ["VGGTCTL_DATA_ROOT"])
-    else:
-        configured = find_config().get("data_root")
-        root = Path(configured) if configured else Path.cwd()
+    setting = pick_setting("data_root", None if argument is None else str(argument), find_config())
+    root = as_path(setting) or Path.cwd()
     if not root.is_dir():
-        raise ConfigError(f"{root}: data root is not a folder")
+        if setting.source == "flag":
+            raise ConfigError(f"{root}: data root is not a folder")
+        raise setting.fail("not a folder")
     return root

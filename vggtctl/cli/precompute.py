@@ -24,10 +24,10 @@ from rich.table import Table
 
 from vggtctl.cli import render
 from vggtctl.distributed import RELAUNCHED_ENV, DistInfo, dist_info, relaunch, report_exit_code
-from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, ConfigError, VggtctlError
+from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, VggtctlError
 from vggtctl.failures import failures_path
 from vggtctl.reporter import Reporter
-from vggtctl.settings import find_config, pick
+from vggtctl.settings import find_config
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when the command runs
     from vggtctl.precompute import Outcome, Plan
@@ -179,7 +179,9 @@ def _strip_gpus(argv: list[str]) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command("precompute")
     def precompute(
-        root: Path = typer.Argument(..., help="Data root holding the training images."),
+        root: Path | None = typer.Argument(
+            None, help="Data root holding the training images (default: VGGTCTL_DATA_ROOT, data_root)."
+        ),
         vggt_model: str | None = typer.Option(
             None, "--vggt-model", help="Checkpoint folder/file, Hub id from the local cache, or tiny-random."
         ),
@@ -219,13 +221,19 @@ def register(app: typer.Typer) -> None:
             None, "--gpus", help="Relaunch through torch's launcher with N workers."
         ),
         limit: int | None = typer.Option(None, "--limit", help="Encode at most N items."),
-        force: bool = typer.Option(False, "--force", help="Re-encode items whose sidecar is already valid."),
-        verify: bool = typer.Option(False, "--verify", help="Full-read every written sidecar afterwards."),
+        force: bool | None = typer.Option(
+            None, "--force", help="Re-encode items whose sidecar is already valid."
+        ),
+        verify: bool | None = typer.Option(
+            None, "--verify", help="Full-read every written sidecar afterwards."
+        ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan only."),
-        allow_download: bool = typer.Option(False, "--allow-download", help="Let a Hub id download weights."),
-        fsync: bool = typer.Option(False, "--fsync", help="fsync every sidecar before its rename."),
-        compile_model: bool = typer.Option(
-            False, "--compile", help="torch.compile the model blocks on GPU (~1 min warm-up, ~1.5x faster)."
+        allow_download: bool | None = typer.Option(
+            None, "--allow-download", help="Let a Hub id download weights."
+        ),
+        fsync: bool | None = typer.Option(None, "--fsync", help="fsync every sidecar before its rename."),
+        compile_model: bool | None = typer.Option(
+            None, "--compile", help="torch.compile the model blocks on GPU (~1 min warm-up, ~1.5x faster)."
         ),
         chunk_items: int | None = typer.Option(
             None,
@@ -245,48 +253,50 @@ def register(app: typer.Typer) -> None:
 
           torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
         """
-        from vggtctl.precompute import CHUNK_ITEMS, PrecomputeInterrupted, PrecomputeOptions, run
+        from vggtctl.precompute import PrecomputeInterrupted, run
+        from vggtctl.precompute.configure import gpu_count, options_from, resolve_root
 
-        config = find_config(root)
-        gpus_value = _gpu_count(pick("gpus", gpus, config, "precompute"))
+        info = dist_info()
+        flags = {
+            "vggt_model": vggt_model,
+            "qwen_model": qwen_model,
+            "preset": preset,
+            "layer": layer,
+            "attention": attention,
+            "layout": layout,
+            "annotations": annotations or None,
+            "data_path": data_path,
+            "max_history": max_history,
+            "context": context,
+            "evict_start": evict_start,
+            "evict_recent": evict_recent,
+            "batch_size": batch_size,
+            "workers": workers,
+            "dtype": dtype,
+            "device": device,
+            "devices": devices,
+            "gpus": gpus,
+            "limit": limit,
+            "force": force,
+            "verify": verify,
+            "dry_run": dry_run,
+            "allow_download": allow_download,
+            "fsync": fsync,
+            "compile": compile_model,
+            "chunk_items": chunk_items,
+        }
+        try:
+            root = resolve_root(root)
+            config = find_config(root)
+            gpus_value = gpu_count(flags, config)
+        except VggtctlError as err:
+            _exit(_error(err), info)
         if gpus_value and gpus_value > 1 and not os.environ.get(RELAUNCHED_ENV) and "RANK" not in os.environ:
             with _sigterm_as_interrupt():
                 raise typer.Exit(relaunch(gpus_value, _strip_gpus(sys.argv[1:])))
-        info = dist_info()
         try:
-            model = pick("vggt_model", vggt_model, config, "precompute")
-            if not model:
-                raise ConfigError("no model: pass --vggt-model (a checkpoint, a Hub id, or tiny-random)")
-            device_list = pick("devices", devices, config, "precompute")
-            opts = PrecomputeOptions(
-                root=root,
-                vggt_model=str(model),
-                qwen_model=pick("qwen_model", qwen_model, config, "precompute"),
-                preset=str(pick("preset", preset, config, "precompute", "janusvln")),
-                layer=int(pick("layer", layer, config, "precompute", -2)),
-                attention=pick("attention", attention, config, "precompute"),
-                layout=str(pick("layout", layout, config, "precompute", "auto")),
-                annotations=_path_list(annotations or pick("annotations", None, config, "precompute", [])),
-                data_path=pick("data_path", data_path, config, "precompute"),
-                max_history=int(pick("max_history", max_history, config, "precompute", 8)),
-                context=str(pick("context", context, config, "precompute", "auto")),
-                evict_start=evict_start,
-                evict_recent=evict_recent,
-                batch_size=_int_or_none(pick("batch_size", batch_size, config, "precompute")),
-                workers=_int_or_none(pick("workers", workers, config, "precompute")),
-                dtype=pick("dtype", dtype, config, "precompute"),
-                device=pick("device", device, config, "precompute"),
-                devices=str(device_list).split(",") if device_list else None,
-                limit=limit,
-                force=force,
-                verify=verify,
-                dry_run=dry_run,
-                allow_download=allow_download,
-                fsync=fsync,
-                compile=compile_model,
-                chunk_items=int(pick("chunk_items", chunk_items, config, "precompute", CHUNK_ITEMS)),
-            )
-        except (ValueError, VggtctlError) as err:
+            opts = options_from(root, flags, config)
+        except VggtctlError as err:
             _exit(_error(err), info)
         show = info.is_main and not as_json and sys.stderr.isatty()
         try:
@@ -381,25 +391,3 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _gpu_count(value: object) -> int | None:
-    """--gpus (or its setting) as a count of at least 1; a one-line usage error otherwise."""
-    try:
-        count = _int_or_none(value)
-    except (TypeError, ValueError):
-        count = 0
-    if count is not None and count < 1:
-        _exit(_error(ConfigError(f"--gpus {value}: must be a whole number of at least 1")), dist_info())
-    return count
-
-
-def _int_or_none(value: object) -> int | None:
-    return None if value in (None, "") else int(value)  # type: ignore[arg-type]
-
-
-def _path_list(value: object) -> list[str]:
-    """Repeated flags, a TOML list, or VGGTCTL_ANNOTATIONS as an os.pathsep-separated string."""
-    if isinstance(value, str):
-        return [part for part in value.split(os.pathsep) if part]
-    return [str(part) for part in value or []]  # type: ignore[attr-defined]

@@ -103,8 +103,8 @@ def run(
         raise ConfigError("--vggt-model only applies with --deep")
     root = settings.resolve_data_root(root_arg)
     config = settings.find_config(root)
-    workers = _positive_int("workers", settings.pick("workers", workers, config, "status"))
-    processes = _positive_int("processes", settings.pick("processes", processes, config, "status"))
+    workers = settings.as_int(settings.pick_setting("workers", workers, config, "status"), minimum=1)
+    processes = settings.as_int(settings.pick_setting("processes", processes, config, "status"), minimum=1)
     build = functools.partial(
         build_status,
         root,
@@ -146,18 +146,6 @@ def _with_scan_line(root: Path, build: Callable[..., StatusReport]) -> StatusRep
                 live.update(Text(f"Scanning {root}: {folders:,} folders, {files:,} files"), refresh=True)
 
         return build(scan_progress=tick)
-
-
-def _positive_int(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} = {value!r}: not a whole number") from None
-    if number < 1:
-        raise ConfigError(f"{name} = {number}: must be 1 or more")
-    return number
 
 
 # --------------------------------------------------------------------------- rendering

@@ -22,7 +22,7 @@ from vggtctl.launch.options import Setting, as_bool, as_float, as_int, as_list, 
 from vggtctl.launch.profiles import EnvVar, Profile, load_profile, merge_env
 from vggtctl.launch.topology import Topology, resolve_topology
 from vggtctl.launch.torchrun import IFACE_ON_NODE, PROBE_ENTRY, NodeCommand, parse_entry, torchrun_argv
-from vggtctl.settings import find_config
+from vggtctl.settings import as_path, find_config
 
 DEFAULT_ENTRY = "-m qwen_vl.train.train_vln"
 DEFAULT_CACHE_FLAG = "--use_vggt_cache"
@@ -149,8 +149,10 @@ def build_plan(
     config = find_config(root_setting.value, explicit=options.config)
     if root_setting.value in (None, ""):
         root_setting = pick("data_root", None, config, environ={})
-    # absolute: the path is exported to every rank of every node and written into scripts
-    data_root = Path(str(root_setting.value)).expanduser().absolute() if root_setting.value else None
+    # absolute: the path is exported to every rank of every node and written into scripts;
+    # relative in a vggtctl.toml means relative to that file
+    root_path = as_path(root_setting) if root_setting.value not in (None, "") else None
+    data_root = root_path.absolute() if root_path is not None else None
 
     profile_setting = pick("profile", options.profile, config, "h800", environ=environ)
     profile = load_profile(str(profile_setting.value))
@@ -200,9 +202,9 @@ def build_plan(
         catalog = CatalogSpec(
             data_root,
             str(layout.value),
-            tuple(as_list(annotations)),
+            tuple(str(as_path(annotations, text)) for text in as_list(annotations)),
             as_int(max_history, minimum=0),
-            str(data_path.value) if data_path.value else None,
+            str(as_path(data_path)) if data_path.value else None,
         )
 
     key, key_setting = (None, Setting("feature_key", "not used (--no-cache)", "-"))

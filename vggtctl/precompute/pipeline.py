@@ -362,8 +362,12 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
         "disk_full": outcome.disk_full or None,
         "stage_seconds": dict(outcome.stage_seconds),
     }
+    # The key becomes the root's current one only when the run found items for it: a run that
+    # catalogued nothing (a wrong --layout, an empty annotation file) would otherwise make every
+    # existing sidecar "model-changed" for verify and prune.
+    current = key if outcome.encoded or outcome.plan.already_valid else None
     with contextlib.suppress(OSError):
-        manifest.record_run(opts.root, entry, key)
+        manifest.record_run(opts.root, entry, current)
 
 
 def _encode_all(
