@@ -19,10 +19,11 @@ def _options(root, flags=None, **env):
 
 def test_annotation_sources_become_lists(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    both = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.json")]  # absolute: the manifest keeps them
     flagged = _options(tmp_path, {"annotations": ["a.jsonl", "b.json"]})
-    assert flagged.annotations == ["a.jsonl", "b.json"]
+    assert flagged.annotations == both
     monkeypatch.setenv("VGGTCTL_ANNOTATIONS", f"a.jsonl{os.pathsep}b.json")
-    assert _options(tmp_path).annotations == ["a.jsonl", "b.json"]
+    assert _options(tmp_path).annotations == both
     monkeypatch.delenv("VGGTCTL_ANNOTATIONS")
     assert _options(tmp_path).annotations == []
 
