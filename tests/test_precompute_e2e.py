@@ -421,9 +421,16 @@ def test_an_image_an_episode_cannot_place_is_named(tmp_path):
     episodes_tree(tmp_path, episodes=1, steps=2)
     stray = tmp_path / "episode_000" / "step_2_TURN LEFT.jpg"  # a space: not an action name
     image(stray, seed=5)
+    image(tmp_path / "maps" / "m1.png", seed=6)  # a folder of other images under the root
+    image(tmp_path / "maps" / "m0.png", seed=7)
     result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"{stray}: image left out: its name is not step_<idx>_<ACTION>.(jpg|png)" in result.stderr
+    maps = tmp_path / "maps"
+    assert (
+        f"{maps}: folder left out: its 2 images are not step_<idx>_<ACTION>.(jpg|png) frames (e.g. m0.png)"
+        in (result.stderr)
+    )
 
 
 def test_unwritable_data_root_is_a_clear_error(tmp_path):

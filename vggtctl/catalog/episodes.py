@@ -65,6 +65,16 @@ class EpisodeBuilder:
             if idx is not None:
                 steps.append((idx, name))
         if not steps:
+            if listing.images:  # a folder of other images under an episodes root: say so, once
+                example = sorted(listing.images)[0]
+                self.problems.append(
+                    CatalogProblem(
+                        listing.path,
+                        None,
+                        f"folder left out: its {len(listing.images)} images are not "
+                        f"step_<idx>_<ACTION>.(jpg|png) frames (e.g. {example})",
+                    )
+                )
             return
         misnamed = [n for n in listing.images if step_index(n) is None]
         for name in listing.others + misnamed:
