@@ -423,7 +423,7 @@ def test_an_image_an_episode_cannot_place_is_named(tmp_path):
     image(stray, seed=5)
     image(tmp_path / "maps" / "m1.png", seed=6)  # a folder of other images under the root
     image(tmp_path / "maps" / "m0.png", seed=7)
-    result = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
+    result = _invoke(str(tmp_path), "--layout", "episodes", "--max-history", "2", "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"{stray}: image left out: its name is not step_<idx>_<ACTION>.(jpg|png)" in result.stderr
     maps = tmp_path / "maps"
