@@ -289,6 +289,21 @@ def test_limit_then_resume_and_verify(tmp_path):
     assert (rest.encoded, rest.plan.already_valid) == (len(images) - 3, 3)
 
 
+def test_ctrl_c_before_encoding_still_prints_one_json_document(tmp_path, monkeypatch):
+    import vggtctl.precompute
+
+    episodes_tree(tmp_path, episodes=1, steps=2)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt  # e.g. while the model loads
+
+    monkeypatch.setattr(vggtctl.precompute, "run", interrupted)
+    result = _invoke(str(tmp_path), "--json")
+    assert result.exit_code == 130
+    assert json.loads(result.stdout) == {"interrupted": True, "encoded": 0, "before_encoding": True}
+    assert "interrupted before encoding started" in result.stderr
+
+
 def test_empty_root_says_so(tmp_path):
     result = _invoke(str(tmp_path), "--json")
     assert result.exit_code == 0

@@ -310,6 +310,8 @@ def register(app: typer.Typer) -> None:
                 render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
             _exit(EXIT_INTERRUPTED, info)
         except KeyboardInterrupt:
+            if as_json and info.is_main:  # scripts parse stdout: still one document
+                render.print_json({"interrupted": True, "encoded": 0, "before_encoding": True})
             render.err.print("interrupted before encoding started; nothing was written", markup=False)
             _exit(EXIT_INTERRUPTED, info)
         if info.is_main:
