@@ -106,16 +106,21 @@ def test_execute_refuses_paths_outside_root_and_foreign_names(tmp_path: Path) ->
     root.mkdir()
     outside.write_bytes(b"x")
     foreign.write_bytes(b"x")
+    inner = root / "real.jpg.vggt_cache.pt"
+    inner.write_bytes(b"x")
+    swapped = root / "swapped.jpg.vggt_cache.pt"  # a link put in a sidecar's place after the scan
+    swapped.symlink_to(inner.name)
     targets = (
         prune.PruneTarget(str(outside), Verdict.CORRUPT, "corrupt", 1),
         prune.PruneTarget(str(root / ".." / "outside.jpg.vggt_cache.pt"), Verdict.CORRUPT, "corrupt", 1),
         prune.PruneTarget(str(foreign), Verdict.CORRUPT, "corrupt", 1),
+        prune.PruneTarget(str(swapped), Verdict.CORRUPT, "corrupt", 1),
     )
-    plan = prune.PrunePlan(str(root), (prune.CategoryTotal("corrupt", 3, 3),), targets)
+    plan = prune.PrunePlan(str(root), (prune.CategoryTotal("corrupt", 4, 4),), targets)
     result = prune.execute(plan, record=False)
-    assert result.deleted == 0 and len(result.failed) == 3
+    assert result.deleted == 0 and len(result.failed) == 4
     assert all(reason.startswith("refused") for _, reason in result.failed)
-    assert outside.exists() and foreign.exists()
+    assert outside.exists() and foreign.exists() and swapped.is_symlink() and inner.exists()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -311,11 +316,12 @@ def test_prune_never_leaves_root_or_touches_look_alikes(tmp_path: Path, cli_app,
     before = _files(root)
     result = runner.invoke(cli_app, ["prune", str(root), "--all-invalid", "-y", "--json"])
     doc = json.loads(result.stdout)
-    # Links named like sidecars are judged (through the link, as a reader would see them) but
-    # refused at deletion time: exit 3, and the links and their targets stay.
+    # Links named like sidecars are judged (corrupt: never followed) and left out of the plan,
+    # listed as left to the user: not a failure of every prune of this root (execute would
+    # refuse them too, should one be swapped in after the scan). They and their targets stay.
     links = {str(root / "ep" / "y.jpg.vggt_cache.pt"), str(root / "ep" / "z.vggt_cache.pt")}
-    assert result.exit_code == 3
-    assert {f["path"] for f in doc["result"]["failed"]} == links
+    assert result.exit_code == 0, result.output
+    assert set(doc["plan"]["links_left"]) == links and doc["result"]["failed"] == []
     assert _files(root) == before - to_delete
     assert _files(tmp_path / "outside") == outside_files
 
@@ -386,3 +392,23 @@ def test_status_counts_the_orphans_prune_orphans_removes(tmp_path: Path) -> None
     result = CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--dry-run", "--json"])
     plan = json.loads(result.stdout)["plan"]
     assert [f["path"] for f in plan["files"]] == [str(gone)]
+
+
+def test_a_link_named_like_a_sidecar_is_left_and_said_so_not_a_failure(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vggtctl.cli.app import app
+
+    real = tb.write_sidecar(tb.write_image(tmp_path / "ep" / "a.jpg"))
+    link = tmp_path / "ep" / "gone.jpg.vggt_cache.pt"  # its image does not exist: an orphan
+    link.symlink_to(real.name)
+    status = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "1 of them are symbolic links, which vggtctl never deletes" in status.stdout
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "Left 1 symbolic link(s) named like sidecars (e.g. ep/gone.jpg.vggt_cache.pt)" in result.stdout
+    assert link.is_symlink() and real.is_file()
+    doc = json.loads(
+        CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--dry-run", "--json"]).stdout
+    )
+    assert doc["plan"]["links_left"] == [str(link)] and doc["plan"]["file_count"] == 0

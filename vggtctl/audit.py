@@ -9,6 +9,7 @@ sidecars costs counters, not 10^7 objects. `status --deep`, `verify` and `prune`
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ class Problem:
     reason: str
     bytes: int
     stamp: tuple[int, int, int] | None = None
+    link: bool = False  # a symbolic link in a sidecar's place: reported, never deleted
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "verdict": self.verdict.value, "reason": self.reason, "bytes": self.bytes}
@@ -100,6 +102,7 @@ class AuditReport:
         *,
         group: str | None = None,
         stamp: tuple[int, int, int] | None = None,
+        link: bool = False,
     ) -> None:
         stats = self.verdicts[verdict]
         stats.count += 1
@@ -107,7 +110,7 @@ class AuditReport:
         if len(stats.examples) < self.examples:
             stats.examples.append(path)
         if verdict is not Verdict.VALID:
-            self.problems.append(Problem(path, verdict, reason, nbytes, stamp))
+            self.problems.append(Problem(path, verdict, reason, nbytes, stamp, link))
         if group is not None:
             self.groups.setdefault(group, Counter())[verdict] += 1
             self.group_bytes.setdefault(group, Counter())[verdict] += nbytes
@@ -263,7 +266,9 @@ class Auditor:
 
     def _record(self, path: str, verdict: Verdict, st: os.stat_result, reason: str) -> None:
         group = self.group_of(path) if self.group_of is not None else None
-        self._report.add(verdict, path, st.st_size, reason, group=group, stamp=_stamp(st))
+        self._report.add(
+            verdict, path, st.st_size, reason, group=group, stamp=_stamp(st), link=stat.S_ISLNK(st.st_mode)
+        )
 
     # -- result
     def report(self) -> AuditReport:

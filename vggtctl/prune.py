@@ -115,6 +115,7 @@ class PrunePlan:
     files: tuple[PruneTarget, ...]
     older_than: float | None = None
     kept_recent_temps: int = 0
+    links_left: tuple[str, ...] = ()  # symbolic links named like sidecars: never deleted
 
     @property
     def freed_bytes(self) -> int:
@@ -137,6 +138,7 @@ class PrunePlan:
             "files": [t.to_json() for t in self.files],
             "file_count": len(self.files),
             "freed_bytes": self.freed_bytes,
+            "links_left": list(self.links_left),
         }
 
 
@@ -170,9 +172,13 @@ def plan_prune(
     wanted = {v: c for c in chosen for v in CATEGORIES[c]}
     files: list[PruneTarget] = []
     kept_recent = 0
+    links: list[str] = []
     for problem in report.problems:
         category = wanted.get(problem.verdict)
         if category is None:
+            continue
+        if problem.link:  # execute would refuse it: say so up front instead of failing each run
+            links.append(problem.path)
             continue
         age = now - problem.stamp[2] / 1e9 if problem.stamp else None
         if older_than is not None:
@@ -191,7 +197,7 @@ def plan_prune(
         )
         for c in chosen
     )
-    return PrunePlan(report.root, totals, tuple(files), older_than, kept_recent)
+    return PrunePlan(report.root, totals, tuple(files), older_than, kept_recent, tuple(sorted(links)))
 
 
 # --------------------------------------------------------------------------- execute

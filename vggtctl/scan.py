@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Protocol, TypeVar
 
 from vggtctl.distributed import usable_cpus
@@ -216,6 +216,7 @@ class DirStats:
     images: int = 0
     cached: int = 0
     orphans: int = 0
+    linked_orphans: int = 0  # of the orphans, symbolic links named like sidecars (never pruned)
     temps: int = 0
     image_bytes: int = 0
     image_disk: int = 0
@@ -288,6 +289,7 @@ def listing_stats(listing: DirListing, name: str) -> DirStats:
             # a sidecar next to a file the scan does not count as an image (x.tif, readme.txt)
             # is no orphan: classify asks the file system too, and prune --orphans agrees
             stats.orphans += 1
+            stats.linked_orphans += S_ISLNK(st.st_mode)
         stats.sidecar_bytes += st.st_size
         stats.sidecar_disk += _disk(st)
     stats.temps = len(listing.temps)

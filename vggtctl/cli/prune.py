@@ -215,6 +215,12 @@ def _print_plan(plan: PrunePlan) -> None:
             f"Kept {plan.kept_recent_temps:,} temp file(s) younger than 15 minutes (a write may be in "
             "progress); --older-than 0s includes them."
         )
+    if plan.links_left:
+        example = audit_view.shown_path(plan.root, plan.links_left[0])
+        render.out.print(
+            f"Left {len(plan.links_left):,} symbolic link(s) named like sidecars (e.g. {escape(example)}): "
+            "vggtctl never deletes links; remove them by hand."
+        )
 
 
 def _ask_categories(report: AuditReport, *, has_model: bool) -> list[str]:

@@ -341,9 +341,15 @@ def footer_lines(report: StatusReport) -> list[str]:
             "(left by interrupted writes; `vggtctl prune --temp` removes them)."
         )
     if total.orphans:
+        links = total.linked_orphans
+        left = (
+            f"; {links} of them are symbolic links, which vggtctl never deletes: remove those by hand"
+            if links
+            else ""
+        )
         lines.append(
             f"Orphans: {_count(total.orphans, 'sidecar')} whose image is gone "
-            "(`vggtctl prune --orphans` removes them)."
+            f"(`vggtctl prune --orphans` removes them{left})."
         )
     if report.deep is not None:
         verdicts = report.deep.verdicts
