@@ -119,6 +119,24 @@ def test_interrupt_finishes_inflight_writes_exit_130_and_rerun_resumes(tmp_path,
     _full_coverage(tmp_path, FeatureKey.from_meta(rerun.feature_key), len(images))
 
 
+def test_interrupting_two_ranks_counts_both_and_leaves_no_run_folder(tmp_path):
+    """Ctrl-C under --gpus 2: the summary and the manifest count what every rank wrote."""
+    episodes_tree(tmp_path, episodes=6, steps=8)
+    args = [*_slow_args(tmp_path), "--gpus", "2", "--chunk-items", "2", "--json"]
+    proc = start_cli(*args, own_group=True)
+    _wait_for_sidecars(proc, tmp_path, 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 130, err[-2000:]
+    doc = json.loads(out)
+    on_disk = sidecars_under(tmp_path)
+    assert doc["interrupted"] is True and doc["ranks"] == 2
+    assert len(doc["per_rank"]) == 2 and doc["encoded"] == sum(doc["per_rank"]) == len(on_disk)
+    assert manifest.load(tmp_path).runs[-1]["encoded"] == len(on_disk)
+    assert not list((tmp_path / ".vggtctl" / "runs").glob("*"))
+    assert corrupt_sidecars(tmp_path) == []
+
+
 def test_two_concurrent_runs_share_the_work(tmp_path):
     images = episodes_tree(tmp_path, episodes=4, steps=4)
     args = [*_slow_args(tmp_path), "--chunk-items", "2", "--json"]

@@ -50,6 +50,7 @@ class RankAggregator:
     def finish(self) -> None:
         """Publish the final counts. The inner reporter is not finished here: rank 0 finishes it
         with the exact totals once every rank has reported (the run gathers them)."""
+        self.counts["final"] = 1
         self._publish(force=True)
         if self.rank == 0:
             totals = self._sum()
@@ -74,6 +75,22 @@ class RankAggregator:
             for name in totals:
                 totals[name] += int(counts.get(name, 0))
         return totals
+
+
+def final_counts(folder: Path, world_size: int, timeout_s: float = 60.0) -> tuple[list[dict[str, Any]], bool]:
+    """Every rank's final counts, as published in `folder`, waiting up to `timeout_s` for ranks
+    still finishing their writes; (counts per rank, whether all were final).
+
+    For an interrupted run, where a collective could hang on a rank that is gone: the files
+    are written by each rank's `finish`, which runs however the rank's loop ended.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = [_read(folder / f"rank{rank}.json") for rank in range(world_size)]
+        complete = all(c.get("final") for c in counts)
+        if complete or time.monotonic() >= deadline:
+            return counts, complete
+        time.sleep(0.2)
 
 
 def remove_run_dir(root: str | os.PathLike[str], run_id: str) -> None:

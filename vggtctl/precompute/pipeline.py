@@ -60,7 +60,7 @@ from vggtctl.precompute.planning import (
     sidecar_bytes,
     task_items,
 )
-from vggtctl.rankprogress import RankAggregator, remove_run_dir, run_dir
+from vggtctl.rankprogress import RankAggregator, final_counts, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
 from vggtctl.writer import DiskFullSkipped, SidecarWriter
@@ -267,6 +267,8 @@ def _execute(
     if outcome.interrupted:
         if info.is_main:
             if info.is_distributed:
+                _merge_interrupted(outcome, root, run_id, info)
+                reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
                 reporter.finish()
             _record_manifest(opts, outcome, key)
         raise PrecomputeInterrupted(outcome)
@@ -282,6 +284,18 @@ def _execute(
             reporter.finish()
             remove_run_dir(root, run_id)  # every rank has published its last counts
         _record_manifest(opts, outcome, key)
+
+
+def _merge_interrupted(outcome: Outcome, root: Path, run_id: str, info: DistInfo) -> None:
+    """Rank 0 of an interrupted run sums what every rank published when its loop ended (no
+    collective: a rank may be gone). The run's folder is removed once all ranks are in."""
+    counts, complete = final_counts(run_dir(root, run_id), info.world_size)
+    outcome.per_rank = [int(c.get("encoded", 0)) for c in counts]
+    outcome.encoded = sum(outcome.per_rank)
+    outcome.failed = sum(int(c.get("failed", 0)) for c in counts)
+    outcome.bytes_written = sum(int(c.get("bytes", 0)) for c in counts)
+    if complete:
+        remove_run_dir(root, run_id)
 
 
 def _plan_counts(plan: Plan) -> tuple[int, int, int, int]:
