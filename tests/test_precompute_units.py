@@ -308,9 +308,10 @@ class _FakeLauncher:
     returncode = 0
     argv: ClassVar[list[str]] = []
 
-    def __init__(self, argv, env):
+    def __init__(self, argv, env, start_new_session=False):
         type(self).argv = argv
         self.env = env
+        assert start_new_session  # a terminal's Ctrl-C must not reach torch's launcher
 
     def wait(self) -> int:
         folder = self.env[distributed.RESULT_DIR_ENV]

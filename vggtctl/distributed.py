@@ -190,24 +190,60 @@ def report_exit_code(code: int, info: DistInfo) -> bool:
     return True
 
 
+def announce_rank() -> None:
+    """A rank started by `relaunch` leaves its pid, so Ctrl-C can reach it past the launcher."""
+    folder = os.environ.get(RESULT_DIR_ENV)
+    if folder and os.environ.get(RELAUNCHED_ENV):
+        with contextlib.suppress(OSError), open(os.path.join(folder, f"{os.getpid()}.pid"), "w") as fh:
+            fh.write(str(os.getpid()))
+
+
+def _interrupt_ranks(folder: str, launcher: subprocess.Popen[bytes]) -> None:
+    """SIGINT to each rank, not to torch's launcher: the ranks finish their writes and exit
+    normally, and the launcher, which turns a signal of its own into tracebacks on stderr, ends
+    as after any run. Ranks that have not announced themselves yet: the launcher is told."""
+    pids = []
+    for name in os.listdir(folder):
+        if name.endswith(".pid"):
+            with contextlib.suppress(ValueError):
+                pids.append(int(name.removesuffix(".pid")))
+    if not pids:
+        with contextlib.suppress(ProcessLookupError):
+            launcher.send_signal(signal.SIGINT)
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGINT)
+
+
 def relaunch(nproc: int, cli_args: list[str]) -> int:
     """Run the command again under torch's elastic launcher; the exit code is the worst a rank
-    reported (130 > 3 > 2 > 0), or the launcher's own (1) when a rank crashed."""
+    reported (130 > 3 > 2 > 0), or the launcher's own (1) when a rank crashed.
+
+    The launcher runs in a session of its own, so a terminal's Ctrl-C reaches this process
+    only, which passes it on to the ranks (`_interrupt_ranks`).
+    """
     folder = tempfile.mkdtemp(prefix="vggtctl-ranks-")
     env = dict(os.environ, **{RELAUNCHED_ENV: "1", RESULT_DIR_ENV: folder})
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     try:
-        proc = subprocess.Popen(relaunch_argv(nproc, cli_args), env=env)
+        proc = subprocess.Popen(relaunch_argv(nproc, cli_args), env=env, start_new_session=True)
         try:
             launcher = proc.wait()
             interrupted = False
         except KeyboardInterrupt:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
-            launcher = proc.wait()
+            _interrupt_ranks(folder, proc)
+            try:
+                launcher = proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop the launcher itself
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
+                launcher = proc.wait()
             interrupted = True
         codes = []
         for name in os.listdir(folder):
+            if not name.endswith(".code"):
+                continue
             with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as fh:
                 codes.append(int(fh.read().strip()))
         if interrupted or 130 in codes:

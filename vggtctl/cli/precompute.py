@@ -23,7 +23,14 @@ from rich.progress import (
 from rich.table import Table
 
 from vggtctl.cli import render
-from vggtctl.distributed import RELAUNCHED_ENV, DistInfo, dist_info, relaunch, report_exit_code
+from vggtctl.distributed import (
+    RELAUNCHED_ENV,
+    DistInfo,
+    announce_rank,
+    dist_info,
+    relaunch,
+    report_exit_code,
+)
 from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, VggtctlError
 from vggtctl.failures import failures_path
 from vggtctl.reporter import Reporter
@@ -294,6 +301,7 @@ def register(app: typer.Typer) -> None:
         if gpus_value and gpus_value > 1 and not os.environ.get(RELAUNCHED_ENV) and "RANK" not in os.environ:
             with _sigterm_as_interrupt():
                 raise typer.Exit(relaunch(gpus_value, _strip_gpus(sys.argv[1:])))
+        announce_rank()  # under --gpus: Ctrl-C is passed to the ranks, not to torch's launcher
         try:
             opts = options_from(root, flags, config)
         except VggtctlError as err:
