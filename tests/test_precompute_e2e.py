@@ -143,6 +143,15 @@ def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
     pruned = CliRunner().invoke(app, ["prune", str(tmp_path), "--model-changed", "--dry-run", "--json"])
     assert json.loads(pruned.stdout)["plan"]["categories"]["model-changed"]["files"] == len(images) - 1
 
+    # naming the model replaces only the model of the check: preprocessing, context and history stay
+    named = ["--vggt-model", "tiny-random"]
+    doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json", *named]).stdout)
+    assert {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]} == counts
+    pruned = CliRunner().invoke(
+        app, ["prune", str(tmp_path), "--model-changed", "--dry-run", "--json", *named]
+    )
+    assert json.loads(pruned.stdout)["plan"]["categories"]["model-changed"]["files"] == len(images) - 1
+
 
 def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     """A wrong --layout (or an empty annotation file) must not turn every sidecar into

@@ -347,14 +347,20 @@ def model_fingerprint(spec: str) -> str:
 
 
 def expectation_from(root: str | os.PathLike[str], vggt_model: str | None = None) -> Expectation:
-    """What `valid` means for this root: the model named by `--vggt-model` (fingerprint only);
-    else the manifest's current feature key (model, preprocess, context kind); else no model
-    check (an empty Expectation: image freshness and context frames are still checked)."""
-    if vggt_model:
-        return Expectation(model_fingerprint=model_fingerprint(vggt_model))
+    """What `valid` means for this root: the manifest's current feature key (model, preprocess,
+    context kind), its model replaced by the one `--vggt-model` names (by fingerprint: the
+    checkpoint is not loaded); without a recorded key, only that model; without either, no
+    model check (an empty Expectation: image freshness and context frames are still checked)."""
     key = manifest.load(root).current_key
+    fingerprint = model_fingerprint(vggt_model) if vggt_model else None
     if key is None:
-        return Expectation()
+        return Expectation(model_fingerprint=fingerprint)
+    if fingerprint is not None:
+        return Expectation(
+            model_fingerprint=fingerprint,
+            preprocess_fingerprint=key.preprocess_fingerprint,
+            context_kind=key.context.kind,
+        )
     return Expectation(
         model=key.model, preprocess_fingerprint=key.preprocess_fingerprint, context_kind=key.context.kind
     )

@@ -232,7 +232,7 @@ def build_status(
         from vggtctl import audit
 
         expect = audit.expectation_from(root, vggt_model)
-        history = None if vggt_model else audit.history_rule_from(root)
+        history = audit.history_rule_from(root)
         auditor = audit.Auditor(
             expect,
             full=False,

@@ -135,7 +135,7 @@ def run(
         if "model-changed" in categories and not as_json:
             render.err.print("note: no current model known, so model changes are not detected")
 
-    history = None if vggt_model else audit.history_rule_from(root)  # as verify and status judge
+    history = audit.history_rule_from(root)  # as verify and status judge
     report = audit_view.run_audit(
         root, expect, full=False, workers=workers, label="Scanning sidecars", history=history
     )

@@ -105,8 +105,8 @@ def run(
     expect = audit.expectation_from(root, vggt_model)
     if not audit.has_model_check(expect) and not as_json:
         render.err.print(f"note: {audit.describe(expect)}")
-    # against the manifest's key, also the history its layout streams (what training is served)
-    history = None if vggt_model else audit.history_rule_from(root)
+    # the history the manifest's layout streams (what training is served)
+    history = audit.history_rule_from(root)
     report = audit_view.run_audit(
         root, expect, full=not quick, workers=workers, label="Verifying sidecars", history=history
     )
