@@ -110,3 +110,17 @@ def test_installed_executable_json_and_plain(make_tree, vggtctl_exe) -> None:
     doc = json.loads(done.stdout)
     assert _counts(doc) == {"valid": 1, "stale": 1, "corrupt": 1}
     assert "\x1b[" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "verify", "prune"])
+def test_workers_from_the_environment_are_read_and_checked(tmp_path, monkeypatch, command) -> None:
+    from typer.testing import CliRunner
+
+    from vggtctl.cli.app import app
+
+    tb.write_image(tmp_path / "a.jpg")
+    monkeypatch.setenv("VGGTCTL_WORKERS", "abc")
+    extra = ["--orphans", "--dry-run"] if command == "prune" else []
+    result = CliRunner().invoke(app, [command, str(tmp_path), *extra])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: workers = 'abc' (env VGGTCTL_WORKERS): not a whole number"

@@ -117,6 +117,8 @@ def run(
     from vggtctl.cli import audit_view, render
 
     root = str(settings.resolve_data_root(root_arg))
+    config = settings.find_config(root)
+    workers = settings.as_int(settings.pick_setting("workers", workers, config, "prune"), minimum=1)
     age = prune.parse_duration(older_than) if older_than is not None else None
     interactive = render.is_interactive()
     if not interactive and not categories:

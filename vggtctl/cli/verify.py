@@ -102,6 +102,8 @@ def run(
     from vggtctl.cli import audit_view, render
 
     root = str(settings.resolve_data_root(root_arg))
+    config = settings.find_config(root)
+    workers = settings.as_int(settings.pick_setting("workers", workers, config, "verify"), minimum=1)
     expect = audit.expectation_from(root, vggt_model)
     if not audit.has_model_check(expect) and not as_json:
         render.err.print(f"note: {audit.describe(expect)}")
