@@ -187,6 +187,25 @@ def test_the_manifest_records_annotation_files_absolute(tmp_path, monkeypatch):
     assert json.loads(again.stdout)["recompute"]["checked"] == 1
 
 
+def test_the_settings_note_only_when_the_run_would_change_what_counts(tmp_path):
+    """max_history means nothing to the annotations layout, and a run that finds no items does
+    not become current: neither is announced as a change."""
+    image(tmp_path / "frames" / "a.jpg", 0)
+    image(tmp_path / "frames" / "b.jpg", 1)
+    ann = tmp_path / "train.jsonl"
+    ann.write_text(json.dumps({"images": ["frames/a.jpg", "frames/b.jpg"]}) + "\n")
+    run(opts(tmp_path, annotations=[str(ann)], max_history=2))
+    other = _invoke(str(tmp_path), "--annotations", str(ann), "--max-history", "5", "--dry-run")
+    assert other.exit_code == 0 and "settings differ" not in other.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nothing = _invoke(str(tmp_path), "--annotations", str(empty), "--context", "none", "--dry-run")
+    assert nothing.exit_code == 0 and "settings differ" not in nothing.stderr
+    changed = _invoke(str(tmp_path), "--annotations", str(ann), "--context", "none", "--dry-run")
+    assert "note: these settings differ from the root's current ones (" in changed.stderr
+    assert "context sequence -> none" in changed.stderr  # and attention full instead of causal
+
+
 def test_plain_layout_context_none(tmp_path):
     images = plain_tree(tmp_path)
     outcome = run(opts(tmp_path))

@@ -62,6 +62,8 @@ def test_every_option_reads_env_and_toml_eviction_and_limit_included(tmp_path, m
         ("toml", "annotations = 5\n", "annotations = 5 (vggtctl.toml, "),
         ("toml", '[precompute]\nworkers = "lots"\n', "workers = 'lots' (vggtctl.toml [precompute], "),
         ("toml", "preset = 3\n", "preset = 3 (vggtctl.toml, "),
+        ("env", ("VGGTCTL_DEVICE", "bogus"), "device = 'bogus' (env VGGTCTL_DEVICE): not a device name"),
+        ("toml", 'devices = ["cpu", "gpu7"]\n', "devices = ['cpu', 'gpu7'] (vggtctl.toml, "),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_its_source(tmp_path, monkeypatch, where, body, message):

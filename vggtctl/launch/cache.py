@@ -98,7 +98,13 @@ def resolve_feature_key(
     """(key, where it came from); key None with the reason as the setting's value."""
     chosen = pick("feature_key", flag, config, environ=environ)
     if chosen.value not in (None, ""):
-        return parse_feature_key(str(chosen.value)), Setting("feature_key", "given", chosen.source)
+        try:
+            key = parse_feature_key(str(chosen.value))
+        except ConfigError as err:
+            if chosen.source == "flag":
+                raise
+            raise ConfigError(f"{err} ({chosen.where})") from None
+        return key, Setting("feature_key", "given", chosen.source)
     if info.key is None:
         return None, Setting("feature_key", f"none: {info.note or 'no manifest key'}", "-")
     return info.key, Setting("feature_key", "current key", f"manifest of {data_root}")

@@ -66,6 +66,8 @@ def options_from(root: Path, flags: Mapping[str, Any], config: Mapping[str, Any]
     data_path = setting("data_path")
     devices = setting("devices")
     device_list = as_list(devices, separator=",") if isinstance(devices.value, str) else as_list(devices)
+    for name, chosen in (("device", [text("device")]), ("devices", device_list)):
+        _check_devices(setting(name), [d for d in chosen if d and d.strip() and d != "auto"])
     return PrecomputeOptions(
         root=root,
         vggt_model=_model_path(setting("vggt_model"), model),
@@ -104,6 +106,20 @@ def _model_path(setting: Setting, value: str | None) -> str | None:
         return value
     candidate = as_path(setting, value)
     return str(_absolute(candidate)) if candidate is not None and candidate.exists() else value
+
+
+def _check_devices(setting: Setting, names: list[str]) -> None:
+    """Device names that cannot work, reported with where they came from (not as a flag)."""
+    from vggtctl.distributed import usable_device
+
+    option = f"--{setting.name}"
+    for name in names:
+        try:
+            usable_device(name, option)
+        except ConfigError as err:
+            if setting.source == "flag":
+                raise
+            raise setting.fail(str(err).removeprefix(f"{option} {name}: ")) from None
 
 
 def _absolute(path: Path | None) -> Path | None:

@@ -163,7 +163,10 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
         if info.is_main:  # a dry run is where they matter most
-            changes = changed_settings(opts.root, key, catalog.layout, opts.max_history)
+            # a run that finds no items does not become current (see _record_manifest)
+            changes = (
+                changed_settings(opts.root, key, catalog.layout, opts.max_history) if catalog.items else []
+            )
             for line in settings_notice(changes) + catalog_notices(catalog, opts.root, items):
                 reporter.message(line)
         if opts.dry_run:

@@ -266,8 +266,10 @@ def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int |
         changes.append(f"context {old.context.kind} -> {key.context.kind}")
     if settings.get("layout") not in (None, layout):
         changes.append(f"layout {settings.get('layout')} -> {layout}")
+    # max_history shapes histories in the episodes layout only (annotations name their frames)
+    episodes = layout == "episodes" and settings.get("layout") == "episodes"
     sequence = key.context.kind == "sequence" and old.context.kind == "sequence"
-    if sequence and settings.get("max_history") not in (None, max_history):
+    if episodes and sequence and settings.get("max_history") not in (None, max_history):
         changes.append(f"max_history {settings.get('max_history')} -> {max_history}")
     return changes
 
