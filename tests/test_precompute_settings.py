@@ -112,3 +112,17 @@ def test_listing_lookup_stats_files_it_did_not_list(tmp_path):
     assert lookup(str(tmp_path / "a.jpg")) is listing.images["a.jpg"]
     assert lookup(str(tmp_path / "frame.tif")).st_size == 2  # not an image name: stat'ed, not "gone"
     assert lookup(str(tmp_path / "nope.jpg")) is None
+
+
+def test_a_misspelled_setting_is_warned_about(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vggtctl.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vggtctl.toml").write_text("max_hisotry = 3\n")
+    args = ["precompute", str(tmp_path), "--vggt-model", "tiny-random", "--device", "cpu", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warning = f"warning: {tmp_path / 'vggtctl.toml'}: unknown setting(s) ignored: max_hisotry"
+    assert warning in result.stderr.splitlines()

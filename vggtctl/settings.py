@@ -79,6 +79,48 @@ def find_config(
     return {}
 
 
+# Every setting name any command reads from vggtctl.toml, and the command tables; a key outside
+# them is a typo to warn about (tests/test_settings_names.py keeps the list in step with the code).
+KNOWN_SETTINGS = frozenset(
+    {
+        # precompute
+        "allow_download", "annotations", "attention", "batch_size", "chunk_items", "compile",
+        "context", "data_path", "device", "devices", "dtype", "evict_recent", "evict_start",
+        "force", "fsync", "gpus", "layer", "layout", "limit", "max_history", "preset",
+        "qwen_model", "verify", "vggt_model", "workers",
+        # status, verify, prune; every command
+        "processes", "data_root",
+        # train
+        "cache", "cache_flag", "entry", "feature_key", "gpus_per_node", "log_dir", "master_addr",
+        "master_port", "min_coverage", "node_rank", "nodes", "profile", "trainer_args",
+    }
+)  # fmt: skip
+COMMAND_TABLES = frozenset({"precompute", "status", "verify", "prune", "train", "demo"})
+TABLE_EXTRAS = {"train": frozenset({"env"})}  # [train.env]: variables for the launch
+
+
+def unknown_keys(config: Mapping[str, Any]) -> list[str]:
+    """Keys of a vggtctl.toml no command reads ("max_hisotry", "[precompute] layr")."""
+    unknown = []
+    for key, value in config.items():
+        if key == CONFIG_FILE_KEY or key in KNOWN_SETTINGS:
+            continue
+        if key in COMMAND_TABLES and isinstance(value, dict):
+            extras = TABLE_EXTRAS.get(key, frozenset())
+            unknown += [f"[{key}] {k}" for k in value if k not in KNOWN_SETTINGS and k not in extras]
+            continue
+        unknown.append(key)
+    return unknown
+
+
+def warn_unknown_keys(config: Mapping[str, Any], say: Any) -> None:
+    """One line for the keys of `config` that no command reads (a typo falls back silently)."""
+    unknown = unknown_keys(config)
+    if unknown:
+        origin = config.get(CONFIG_FILE_KEY, CONFIG_NAME)
+        say(f"warning: {origin}: unknown setting(s) ignored: {', '.join(unknown)}")
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper().replace("-", "_")
 

@@ -34,7 +34,7 @@ from vggtctl.distributed import (
 from vggtctl.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE, VggtctlError
 from vggtctl.failures import failures_path
 from vggtctl.reporter import Reporter
-from vggtctl.settings import find_config
+from vggtctl.settings import find_config, warn_unknown_keys
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when the command runs
     from vggtctl.precompute import Outcome, Plan
@@ -295,6 +295,8 @@ def register(app: typer.Typer) -> None:
         try:
             root = resolve_root(root)
             config = find_config(root)
+            if info.is_main:
+                warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
             gpus_value = gpu_count(flags, config)
         except VggtctlError as err:
             _exit(_error(err), info)

@@ -118,6 +118,7 @@ def run(
 
     root = str(settings.resolve_data_root(root_arg))
     config = settings.find_config(root)
+    settings.warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
     workers = settings.as_int(settings.pick_setting("workers", workers, config, "prune"), minimum=1)
     age = prune.parse_duration(older_than) if older_than is not None else None
     interactive = render.is_interactive()

@@ -103,6 +103,7 @@ def run(
         raise ConfigError("--vggt-model only applies with --deep")
     root = settings.resolve_data_root(root_arg)
     config = settings.find_config(root)
+    settings.warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
     workers = settings.as_int(settings.pick_setting("workers", workers, config, "status"), minimum=1)
     processes = settings.as_int(settings.pick_setting("processes", processes, config, "status"), minimum=1)
     build = functools.partial(

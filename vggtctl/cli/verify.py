@@ -103,6 +103,7 @@ def run(
 
     root = str(settings.resolve_data_root(root_arg))
     config = settings.find_config(root)
+    settings.warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
     workers = settings.as_int(settings.pick_setting("workers", workers, config, "verify"), minimum=1)
     expect = audit.expectation_from(root, vggt_model)
     if not audit.has_model_check(expect) and not as_json:

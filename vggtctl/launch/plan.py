@@ -22,7 +22,7 @@ from vggtctl.launch.options import Setting, as_bool, as_float, as_int, as_list, 
 from vggtctl.launch.profiles import EnvVar, Profile, load_profile, merge_env
 from vggtctl.launch.topology import Topology, resolve_topology
 from vggtctl.launch.torchrun import IFACE_ON_NODE, PROBE_ENTRY, NodeCommand, parse_entry, torchrun_argv
-from vggtctl.settings import as_path, find_config
+from vggtctl.settings import CONFIG_FILE_KEY, as_path, find_config, unknown_keys
 
 DEFAULT_ENTRY = "-m qwen_vl.train.train_vln"
 DEFAULT_CACHE_FLAG = "--use_vggt_cache"
@@ -147,6 +147,8 @@ def build_plan(
 
     root_setting = pick("data_root", options.data_root, {}, environ=environ)
     config = find_config(root_setting.value, explicit=options.config)
+    if unknown := unknown_keys(config):
+        notes.append(f"{config.get(CONFIG_FILE_KEY)}: unknown setting(s) ignored: {', '.join(unknown)}")
     if root_setting.value in (None, ""):
         root_setting = pick("data_root", None, config, environ={})
     # absolute: the path is exported to every rank of every node and written into scripts;
