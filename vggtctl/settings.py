@@ -151,17 +151,6 @@ def pick_setting(
     return Setting(name, default, "default")
 
 
-def pick(
-    name: str,
-    flag_value: Any,
-    config: Mapping[str, Any],
-    command: str | None = None,
-    default: Any = None,
-) -> Any:
-    """The value alone (see `pick_setting`); environment values arrive as strings."""
-    return pick_setting(name, flag_value, config, command, default).value
-
-
 # --------------------------------------------------------------------------- converters
 
 
