@@ -23,6 +23,7 @@ from vggtctl.settings import (
     as_str,
     find_config,
     pick_setting,
+    resolve_data_root,
 )
 
 COMMAND = "precompute"
@@ -35,8 +36,6 @@ def gpu_count(flags: Mapping[str, Any], config: Mapping[str, Any]) -> int | None
 
 def resolve_root(argument: Path | None) -> Path:
     """ROOT, else VGGTCTL_DATA_ROOT, else `data_root` of the working folder's vggtctl.toml."""
-    from vggtctl.settings import resolve_data_root
-
     if argument is None and not os.environ.get("VGGTCTL_DATA_ROOT") and "data_root" not in find_config():
         raise ConfigError("no data root: pass ROOT, or set VGGTCTL_DATA_ROOT or data_root in vggtctl.toml")
     return resolve_data_root(argument)
