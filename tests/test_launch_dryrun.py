@@ -114,6 +114,17 @@ def test_a_relative_data_root_is_exported_absolute(tmp_path, monkeypatch) -> Non
     assert Path(plan.cache_env()["VGGTCTL_DATA_ROOT"]).is_absolute()
 
 
+def test_annotation_files_from_the_environment_are_listed_like_path(tmp_path, monkeypatch) -> None:
+    """As precompute reads VGGTCTL_ANNOTATIONS: os.pathsep between files, spaces kept."""
+    root = launch_tree.make_root(tmp_path, total=2, valid=2)
+    monkeypatch.chdir(tmp_path)
+    environ = {"PATH": os.environ["PATH"], "VGGTCTL_ANNOTATIONS": f"my anns/a.jsonl{os.pathsep}b.jsonl"}
+    plan = build_plan(
+        TrainOptions(nodes=1, data_root=str(root), feature_key=KEY_JSON), environ=environ, cuda_devices=0
+    )
+    assert plan.catalog.annotations == (str(tmp_path / "my anns" / "a.jsonl"), str(tmp_path / "b.jsonl"))
+
+
 def test_other_nodes_find_their_interface_themselves() -> None:
     environ = {"PATH": os.environ["PATH"]}
     plan = build_plan(

@@ -197,6 +197,10 @@ def build_plan(
 
     layout = catalog_pick("layout", options.layout, "auto")
     annotations = catalog_pick("annotations", options.annotations or None, None)
+    # files in an environment variable are listed like PATH, as precompute reads them
+    annotation_files = as_list(
+        annotations, separator=os.pathsep if annotations.source.startswith("env") else None
+    )
     max_history = catalog_pick("max_history", options.max_history, None)
     data_path = catalog_pick("data_path", options.data_path, None)
     catalog = None
@@ -204,9 +208,10 @@ def build_plan(
         catalog = CatalogSpec(
             data_root,
             str(layout.value),
-            tuple(str(as_path(annotations, text)) for text in as_list(annotations)),
+            # absolute, like the data root: other nodes and emitted scripts start elsewhere
+            tuple(str(as_path(annotations, text).absolute()) for text in annotation_files),
             as_int(max_history, minimum=0),
-            str(as_path(data_path)) if data_path.value else None,
+            str(as_path(data_path).absolute()) if data_path.value else None,
         )
 
     key, key_setting = (None, Setting("feature_key", "not used (--no-cache)", "-"))
@@ -241,7 +246,7 @@ def build_plan(
         Setting("feature_key", key_setting.value, key_setting.source),
         Setting("data_root", str(data_root) if data_root else "-", root_setting.source),
         layout,
-        Setting("annotations", ", ".join(as_list(annotations)) or "-", annotations.source),
+        Setting("annotations", ", ".join(annotation_files) or "-", annotations.source),
         Setting(
             "max_history", max_history.value if max_history.value is not None else "-", max_history.source
         ),
