@@ -392,3 +392,18 @@ def test_annotations_written_from_episodes_give_the_same_items(tmp_path: Path) -
     again = load_catalog(None, annotations=[ann])
     assert [i.frames for i in again.items] == [i.frames for i in episodes.items]
     assert not again.problems and not again.missing_images
+
+
+def test_frame_names_are_what_relpath_says_beside_below_and_above_the_image(tmp_path: Path) -> None:
+    """The fast path for frames beside the image must name every frame as relpath does."""
+    folder = tmp_path / "ep"
+    paths = [folder / "a.jpg", folder / "sub" / "b.jpg", tmp_path / "other" / "c.jpg", folder / "cur.jpg"]
+    for path in paths:
+        touch(path)
+    image = str(folder / "cur.jpg")
+    for frames in (
+        tuple(str(p) for p in paths),
+        (str(folder / "." / "a.jpg"), str(folder / "sub" / ".." / "a.jpg"), image),  # not normalized
+    ):
+        names = [name for name, _ in item_frames_for_key(Item(frames))]
+        assert names == [os.path.relpath(p, os.path.dirname(image)) for p in frames]

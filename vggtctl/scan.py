@@ -83,11 +83,11 @@ class DirListing:
 
     def stat_lookup(self) -> Callable[[str], os.stat_result | None]:
         """A stat function answering from this listing for files in this folder."""
-        folder = self.path
+        folder = os.path.normpath(self.path)
 
         def lookup(path: str) -> os.stat_result | None:
             head, name = os.path.split(path)
-            if os.path.normpath(head) == os.path.normpath(folder) and name in self.images:
+            if (head == folder or os.path.normpath(head) == folder) and name in self.images:
                 return self.images[name]
             try:  # another folder, or a file the listing does not stat (e.g. a .tif frame)
                 return os.stat(path)
