@@ -28,6 +28,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/scan.py --files 200000
+	$(BIN)/python bench/staging.py
 
 clean:
 	rm -rf $(VENV) demo-data .benchout

@@ -219,6 +219,28 @@ def test_plain_layout_context_none(tmp_path):
     assert run(opts(tmp_path)).encoded == 0
 
 
+@pytest.mark.parametrize("layout", ["plain", "episodes"])
+def test_stored_features_are_what_the_trainer_computes_online(tmp_path, layout):
+    """The pipeline sends bytes and makes k/255 where the model runs; the trainer's online path
+    feeds `preset.load(...).tensor`. The two must give the same features (float32, CPU)."""
+    from vggtctl.precompute.planning import build_encoder
+
+    (plain_tree if layout == "plain" else episodes_tree)(tmp_path)
+    options = opts(tmp_path, layout=layout, workers=2, batch_size=3)
+    outcome = run(options)
+    assert outcome.encoded > 0 and outcome.failed == 0
+    sequence = outcome.plan.context == "sequence"
+    encoder, preset = build_encoder(options, outcome.plan.context, torch.device("cpu"))
+    for item in catalog_items(tmp_path, layout=layout):
+        if sequence:
+            frames = torch.stack([preset.load(frame).tensor for frame in item.frames])
+            online = encoder.encode_sequences(frames[None])[0]
+        else:
+            online = encoder.encode_frames(preset.load(item.image).tensor[None])[0]
+        stored = sidecar.read(sidecar.sidecar_path(item.image)).features
+        torch.testing.assert_close(stored, online, rtol=1e-5, atol=1e-5)
+
+
 def test_annotations_same_image_other_history_is_told_apart(tmp_path):
     a, b, c, d = (image(tmp_path / "frames" / f"{n}.jpg", seed) for seed, n in enumerate("abcd"))
     samples = [

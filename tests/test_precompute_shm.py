@@ -61,13 +61,13 @@ class _Messages(Reporter):
         self.lines.append(text)
 
 
-@pytest.mark.parametrize("free, workers_note", [(10 * MB, "decoding in the main process"), (None, None)])
+@pytest.mark.parametrize("free, workers_note", [(2 * MB, "decoding in the main process"), (None, None)])
 def test_a_run_with_little_shared_memory_completes_and_says_why(tmp_path, monkeypatch, free, workers_note):
     images = episodes_tree(tmp_path, episodes=2, steps=3)
     monkeypatch.setattr(planning, "shm_free_bytes", lambda: free)
     messages = _Messages()
     outcome = run(opts(tmp_path, max_history=2, workers=2), messages)
-    assert outcome.plan.input_bytes_per_item == 3 * 3 * 154 * 518 * 4  # 3 frames of 518x154 float32
+    assert outcome.plan.input_bytes_per_item == 3 * 3 * 154 * 518  # 3 frames of 518x154, one byte a value
     assert (outcome.encoded, outcome.failed) == (len(images), 0)
     key = FeatureKey.from_meta(outcome.feature_key)
     assert verdicts(catalog_items(tmp_path, max_history=2), key) == {"valid": len(images)}
@@ -81,16 +81,16 @@ def test_dry_run_shows_the_decode_workers_and_why_they_were_cut(tmp_path, monkey
     from vggtctl.cli.app import app
 
     episodes_tree(tmp_path, episodes=1, steps=3)
-    monkeypatch.setattr(planning, "shm_free_bytes", lambda: 10 * MB)
+    monkeypatch.setattr(planning, "shm_free_bytes", lambda: 2 * MB)
     args = ["precompute", str(tmp_path), *CLI_FAST, "--workers", "3", "--max-history", "2", "--dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "decode workers" in result.output and "0 per rank (reduced: see below)" in result.output
-    assert "/dev/shm has 10.0 MiB free, and 3 decode workers" in result.output
+    assert "/dev/shm has 2.0 MiB free, and 3 decode workers" in result.output
     doc = CliRunner().invoke(app, [*args, "--json"])
     plan = json.loads(doc.stdout)["plan"]
     assert (plan["decode_workers"], plan["decode_prefetch"], plan["batch_size"]) == (0, None, 2)
-    assert plan["decode_note"].startswith("/dev/shm has 10.0 MiB free")
+    assert plan["decode_note"].startswith("/dev/shm has 2.0 MiB free")
 
     monkeypatch.setattr(planning, "shm_free_bytes", lambda: 64 << 30)
     plan = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)["plan"]

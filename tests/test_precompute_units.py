@@ -23,6 +23,7 @@ from vggtctl.catalog import Item
 from vggtctl.cli.precompute import _strip_gpus
 from vggtctl.distributed import DistInfo
 from vggtctl.precompute import chunked, unique_by_sidecar
+from vggtctl.preprocess import unit_pixels
 from vggtctl.writer import DiskFullSkipped, SidecarWriter
 
 # --------------------------------------------------------------------------- claims
@@ -373,12 +374,20 @@ def test_chunks_cover_every_item_once():
 
 
 class _FakePreset:
-    """Stands in for a preset: a fixed 14x28 tensor per file, no decoding."""
+    """Stands in for a preset: fixed 14x28 byte pixels per file (floats for files named in
+    `float_for`), no decoding."""
+
+    def __init__(self, float_for: tuple[str, ...] = ()) -> None:
+        self.float_for = float_for
 
     def load(self, path):  # type: ignore[no-untyped-def]
         from types import SimpleNamespace
 
-        return SimpleNamespace(tensor=torch.zeros(3, 14, 28), input_hw=(14, 28), grid_hw=(1, 2))
+        if os.path.basename(path) in self.float_for:
+            pixels = torch.full((3, 14, 28), 0.25)
+        else:
+            pixels = torch.full((3, 14, 28), 51, dtype=torch.uint8)
+        return SimpleNamespace(pixels=pixels, tensor=unit_pixels(pixels), input_hw=(14, 28), grid_hw=(1, 2))
 
 
 def _six_step_episode(tmp_path):
@@ -439,7 +448,23 @@ def test_a_frame_shared_by_neighbouring_items_crosses_shared_memory_once(tmp_pat
         for frame_id, frame in zip(p.frame_ids, p.pixels, strict=True):
             by_path.setdefault(frame_id[0], set()).add(frame.untyped_storage().data_ptr())
     assert all(len(ptrs) == 1 for ptrs in by_path.values())  # one frame, one storage
-    assert torch.equal(received[3].stacked(), torch.zeros(4, 3, 14, 28))
+    assert torch.equal(received[3].stacked(), torch.full((4, 3, 14, 28), 51, dtype=torch.uint8))
+
+
+def test_an_item_whose_frames_mix_bytes_and_floats_sends_floats(tmp_path):
+    """Frames of one item are stacked together: where one needed float pixels, all go as
+    floats (the model input is the same), and such items batch apart from byte items."""
+    from vggtctl.precompute import ItemDataset
+
+    items, key = _six_step_episode(tmp_path)
+    dataset = ItemDataset(items, _FakePreset(float_for=("step_4_MOVE_FORWARD.jpg",)), key)
+    mixed, clean = dataset[4], dataset[3]  # item 4 streams step 4; item 3 does not
+    assert "step_4_MOVE_FORWARD.jpg" in {os.path.basename(f) for f in items[4].frames}
+    assert "step_4_MOVE_FORWARD.jpg" not in {os.path.basename(f) for f in items[3].frames}
+    assert {f.dtype for f in mixed.pixels} == {torch.float32} and len(mixed.pixels) > 1
+    assert torch.equal(mixed.stacked()[0], unit_pixels(torch.full((3, 14, 28), 51, dtype=torch.uint8)))
+    assert {f.dtype for f in clean.pixels} == {torch.uint8}
+    assert mixed.batch_key[0] == torch.float32 and clean.batch_key[0] == torch.uint8
 
 
 def test_stage_clock_moves_writer_back_pressure_out_of_handoff():

@@ -32,6 +32,7 @@ from vggtctl.preprocess import (
     qwen_patch_merge,
     reset_exif_warning,
     smart_resize_fn,
+    unit_pixels,
 )
 from vggtctl.preprocess import qwen as qwen_mod
 
@@ -96,6 +97,42 @@ def test_matches_golden_tensor(image: str, preset_name: str) -> None:
         assert got.qwen_grid_thw == tuple(gold["grid_thw"])
     else:
         assert got.qwen_grid_thw is None
+
+
+@pytest.mark.parametrize("preset_name", sorted(GOLDEN_KEY))
+@pytest.mark.parametrize("image", IMAGES)
+def test_compact_pixels_are_the_golden_tensor_in_bytes(image: str, preset_name: str) -> None:
+    """Decode workers send `pixels` (a quarter of the float bytes); k/255 of them is the golden."""
+    entry = MANIFEST["images"][image]
+    got = get_preset(preset_name).load(GOLDEN / entry["file"])
+    assert got.pixels.dtype == torch.uint8
+    assert torch.equal(unit_pixels(got.pixels), golden_tensor(entry[GOLDEN_KEY[preset_name]]["png"]))
+
+
+def test_unit_pixels_is_the_division_for_every_byte_and_leaves_floats_alone() -> None:
+    every = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16).expand(3, 16, 16)
+    got = unit_pixels(every)
+    assert got.dtype == torch.float32 and got.shape == (3, 16, 16)
+    # numpy's float32 division, independent of torch: one correctly rounded quotient per byte
+    want = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255)).reshape(1, 16, 16)
+    assert torch.equal(got, want.expand(3, 16, 16))
+    assert got[0, 15, 15].item() == 1.0  # the pad value 1.0 travels as 255
+    floats = torch.rand(3, 4, 4)
+    assert unit_pixels(floats) is floats
+
+
+def test_pixels_stay_float_where_no_byte_value_holds_them() -> None:
+    """A bilinear grid step mixes neighbours; a pad value of no k/255 cannot be a byte either."""
+    image = Image.open(GOLDEN / "images" / "rgba_300x200.png")
+    resized = pad_518_with_grid_step().from_pil(image, "grid.png")
+    assert resized.pixels.dtype == torch.float32 and resized.tensor is resized.pixels
+    grey = dataclasses.replace(get_preset("vggt-pad-518"), name="grey-pad", pad_value=0.5)
+    padded = grey.from_pil(image, "grey.png")
+    assert padded.pixels.dtype == torch.float32
+    assert padded.tensor[:, 0, 0].tolist() == [0.5] * 3  # the pad rows of a 300x200 image
+    white = get_preset("vggt-pad-518").from_pil(image, "white.png").tensor
+    inside = padded.tensor != 0.5
+    assert torch.equal(padded.tensor[inside], white[inside])  # the image itself is the same
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -493,4 +530,5 @@ def test_degenerate_aspect_is_rejected() -> None:
 
 def test_preprocessed_image_is_a_dataclass() -> None:
     fields = {f.name for f in dataclasses.fields(PreprocessedImage)}
-    assert {"tensor", "input_hw", "grid_hw", "source_hw", "qwen_grid_thw", "fingerprint"} <= fields
+    assert {"pixels", "input_hw", "grid_hw", "source_hw", "qwen_grid_thw", "fingerprint"} <= fields
+    assert isinstance(PreprocessedImage.tensor, property)  # the model input, from the pixels

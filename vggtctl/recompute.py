@@ -27,6 +27,7 @@ from vggtctl.precompute import (
     sample_items,
     unique_by_sidecar,
 )
+from vggtctl.preprocess import unit_pixels
 
 # Allowed disagreement per storage dtype: (minimum cosine, max abs diff / max |stored|).
 # 16-bit caches are usually written on a GPU and rechecked elsewhere: rounding of activations
@@ -147,7 +148,7 @@ def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> Recom
         if isinstance(prepared, Failed):
             report.checks.append(RecomputeCheck(path, False, reason=prepared.failure.reason))
             continue
-        pixels = prepared.stacked().unsqueeze(0).to(device)
+        pixels = unit_pixels(prepared.stacked().unsqueeze(0).to(device))
         fresh = (encoder.encode_sequences(pixels) if sequence else encoder.encode_frames(pixels))[0].cpu()
         ok, max_abs, cosine, reason = compare(stored, fresh, str(stored.dtype).removeprefix("torch."))
         report.checks.append(RecomputeCheck(path, ok, max_abs, cosine, reason))

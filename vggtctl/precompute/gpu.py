@@ -28,6 +28,7 @@ from vggtctl.catalog import Item
 from vggtctl.failures import Failure
 from vggtctl.precompute.loading import Prepared
 from vggtctl.precompute.stages import StageClock
+from vggtctl.preprocess import unit_pixels
 
 if TYPE_CHECKING:
     from vggtctl.precompute.pipeline import RunCounters
@@ -155,6 +156,7 @@ class GpuPipeline:
         return event, host, batch
 
     def _encode(self, pixels: torch.Tensor, frame_index: torch.Tensor | None) -> torch.Tensor:
+        pixels = unit_pixels(pixels)  # bytes travel; k/255 is made where the model runs
         if self.sequence:
             return self.encoder.encode_sequences(pixels, frame_index=frame_index)
         return self.encoder.encode_frames(pixels)

@@ -30,7 +30,9 @@ class Prepared:
     item would copy 45 MB into /dev/shm, most of it frames its neighbours had sent already."""
 
     index: int
-    pixels: torch.Tensor | tuple[torch.Tensor, ...]  # [3,H,W] (single frame) or S x [3,H,W]
+    # [3,H,W] (single frame) or S x [3,H,W], in the preset's compact form: uint8 where it can
+    # be (a quarter of the bytes through shared memory and to the GPU), see `unit_pixels`
+    pixels: torch.Tensor | tuple[torch.Tensor, ...]
     meta: dict[str, Any]
     # per frame: (path, size, mtime_ns) it was decoded at; equal identities decode equally,
     # which lets the GPU stage embed a frame shared by neighbouring items once
@@ -38,10 +40,16 @@ class Prepared:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """[3,H,W] or [S,3,H,W]: items of one shape can share a batch."""
+        """[3,H,W] or [S,3,H,W]."""
         if isinstance(self.pixels, tuple):
             return (len(self.pixels), *self.pixels[0].shape)
         return tuple(self.pixels.shape)
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Items with equal keys can share a batch: same shape, same pixel dtype."""
+        first = self.pixels[0] if isinstance(self.pixels, tuple) else self.pixels
+        return (first.dtype, *self.shape)
 
     def stacked(self) -> torch.Tensor:
         """The pixels as one tensor ([S,3,H,W] for a sequence item)."""
@@ -114,10 +122,15 @@ class ItemDataset(Dataset):
         except Exception as err:
             return Failed(index, Failure(item.image, "decode", f"{type(err).__name__}: {err}"))
         current = loaded[-1]
-        if sequence and any(p.tensor.shape != current.tensor.shape for p in loaded):
+        if sequence and any(p.pixels.shape != current.pixels.shape for p in loaded):
             reason = "context frames preprocess to different sizes; cannot stream them together"
             return Failed(index, Failure(item.image, "decode", reason))
-        pixels = tuple(p.tensor for p in loaded) if sequence else current.tensor
+        if not sequence:
+            pixels: Any = current.pixels
+        elif len({p.pixels.dtype for p in loaded}) == 1:
+            pixels = tuple(p.pixels for p in loaded)
+        else:  # some frames needed float pixels: the item's frames are stacked as floats
+            pixels = tuple(p.tensor for p in loaded)
         _image_name, image_key = frames[-1]
         meta = sidecar.build_meta(
             image_name=os.path.basename(item.image),

@@ -476,7 +476,7 @@ def _encode_all(
                     progress.fail(sample.failure)
                     tracker.done(sample.index)
                     continue
-                bucket = buckets[sample.shape]
+                bucket = buckets[sample.batch_key]
                 bucket.append(sample)
                 if len(bucket) >= batch_size:
                     pipeline.submit(bucket[:batch_size])

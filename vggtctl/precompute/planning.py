@@ -241,7 +241,7 @@ def input_bytes(decoded: Any | None, frames: int) -> int:
     """Bytes of one item's decoded input: what a decode worker hands over per item."""
     if decoded is None:
         return 0
-    return decoded.tensor.numel() * decoded.tensor.element_size() * max(1, frames)
+    return decoded.pixels.numel() * decoded.pixels.element_size() * max(1, frames)
 
 
 def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int | None) -> list[str]:

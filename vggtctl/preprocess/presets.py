@@ -8,6 +8,7 @@ two presets with the same fingerprint produce the same tensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,11 +31,39 @@ _FILTERS = {
 }
 
 
+# k/255 for every byte value k, with the same float32 division as torchvision's to_tensor: a
+# lookup in this table gives, on any device, the very values the division gives on the CPU
+# (CUDA divides by a scalar as a multiply by its reciprocal, which can differ in the last bit).
+_UNIT_TABLE = torch.arange(256, dtype=torch.float32).div_(255)
+
+
+@functools.cache
+def _unit_table(device: torch.device) -> torch.Tensor:
+    # one copy per device, made once: a copy per batch from pageable memory would block the host
+    return _UNIT_TABLE.to(device)
+
+
+def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """The model's float32 input from a preset's `pixels`: bytes k become k/255, on their device.
+
+    Float pixels (a preset that resizes after the byte stage) are returned as they are.
+    """
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return _unit_table(pixels.device)[pixels.long()]
+
+
 @dataclass(frozen=True)
 class PreprocessedImage:
-    """One image ready for the model, plus the facts a sidecar records about it."""
+    """One image ready for the model, plus the facts a sidecar records about it.
 
-    tensor: torch.Tensor  # float32 [3, H, W], values k/255 (pad 1.0), or bilinear mixes of them
+    `pixels` is the compact form: uint8 [3, H, W] whenever every value of the model input is
+    k/255 (the pad value 1.0 is 255), which is a quarter of the bytes decode workers send
+    through shared memory and the host sends to the GPU; float32 when a later bilinear step
+    mixed them. `tensor` is the model input itself (`unit_pixels`).
+    """
+
+    pixels: torch.Tensor  # uint8 [3, H, W] (k stands for k/255) or float32 [3, H, W]
     input_hw: tuple[int, int]  # (H, W) of `tensor`: what the model is fed
     grid_hw: tuple[int, int]  # (H, W) // VGGT patch size: the patch grid of the features
     source_hw: tuple[int, int]  # decoded image size (after EXIF transpose when the preset applies it)
@@ -42,6 +71,11 @@ class PreprocessedImage:
     qwen_grid_thw: tuple[int, int, int] | None  # the Qwen processor's grid (presets with the grid step)
     preset: str
     fingerprint: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """float32 [3, H, W]: values k/255 (pad 1.0), or bilinear mixes of them."""
+        return unit_pixels(self.pixels)
 
     def to_meta(self) -> dict[str, Any]:
         """The `preprocess` section of a sidecar's meta."""
@@ -125,13 +159,13 @@ class Preset:
     def _run(self, img: Image.Image, name: str, *, owned: bool) -> PreprocessedImage:
         rgb, orientation = decode.to_rgb(img, name, apply_exif=self.exif_transpose, owned=owned)
         width, height = rgb.size
-        tensor = self._resize_to_tensor(rgb, name)
+        pixels = self._resize_to_bytes(rgb, name)
         grid_thw = None
         if self.qwen_grid:
-            tensor, grid_thw = self._grid_step(tensor, name)
-        h, w = tensor.shape[1:]
+            pixels, grid_thw = self._grid_step(pixels, name)
+        h, w = pixels.shape[1:]
         return PreprocessedImage(
-            tensor=tensor,
+            pixels=pixels,
             input_hw=(h, w),
             grid_hw=(h // self.vggt_patch_size, w // self.vggt_patch_size),
             source_hw=(height, width),
@@ -148,7 +182,8 @@ class Preset:
             return round(width * (target / height) / patch) * patch, target
         return target, round(height * (target / width) / patch) * patch
 
-    def _resize_to_tensor(self, rgb: Image.Image, name: str) -> torch.Tensor:
+    def _resize_to_bytes(self, rgb: Image.Image, name: str) -> torch.Tensor:
+        """uint8 [3, H, W] (float32 k/255 where the pad value is no byte value)."""
         width, height = rgb.size
         new_w, new_h = self.resized_size(width, height)
         if new_w <= 0 or new_h <= 0:
@@ -156,37 +191,36 @@ class Preset:
                 name,
                 f"{decode.UNSUPPORTED_SIZE} {width}x{height}: one side rounds to 0 pixels at {new_w}x{new_h}",
             )
-        pixels = np.array(rgb.resize((new_w, new_h), _FILTERS[self.resize_filter]))  # uint8 HWC, writable
+        resized = torch.from_numpy(np.array(rgb.resize((new_w, new_h), _FILTERS[self.resize_filter])))
+        pixels = resized.permute(2, 0, 1)  # uint8 CHW view of the HWC array
         target = self.target_size
         if self.mode == "crop":
             if new_h > target:
                 top = (new_h - target) // 2
-                pixels = pixels[top : top + target]
-            out = torch.empty((3, pixels.shape[0], new_w), dtype=torch.float32)
-            _fill_unit(out, pixels)
-            return out
-        out = torch.full((3, target, target), self.pad_value, dtype=torch.float32)
+                pixels = pixels[:, top : top + target]
+            return pixels.contiguous()
+        pad = self.pad_value * 255
+        if pad == int(pad) and 0 <= pad <= 255:
+            out = torch.full((3, target, target), int(pad), dtype=torch.uint8)
+        else:
+            out = torch.full((3, target, target), self.pad_value, dtype=torch.float32)
+            pixels = unit_pixels(pixels)
         top, left = (target - new_h) // 2, (target - new_w) // 2
-        _fill_unit(out[:, top : top + new_h, left : left + new_w], pixels)
+        out[:, top : top + new_h, left : left + new_w] = pixels
         return out
 
-    def _grid_step(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def _grid_step(self, pixels: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
         assert self.patch_size is not None and self.merge_size is not None
-        h, w = tensor.shape[1:]
+        h, w = pixels.shape[1:]
         try:
             grid = qwen.qwen_grid_thw(h, w, self.patch_size, self.merge_size)
         except ValueError as exc:
             raise ImageError(name, f"{decode.UNSUPPORTED_SIZE} for the Qwen grid ({exc})") from None
         size = (grid[1] * self.vggt_patch_size, grid[2] * self.vggt_patch_size)
-        if size != (h, w):
-            tensor = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
-        return tensor, grid
-
-
-def _fill_unit(out: torch.Tensor, pixels: np.ndarray) -> None:
-    """out[c, y, x] = pixels[y, x, c] / 255 in float32, the same arithmetic as torchvision's to_tensor."""
-    out.copy_(torch.from_numpy(pixels).permute(2, 0, 1))
-    out.div_(255)
+        if size != (h, w):  # the bilinear mix leaves the byte values: float32 from here on
+            unit = unit_pixels(pixels)[None]
+            pixels = F.interpolate(unit, size=size, mode="bilinear", align_corners=False)[0]
+        return pixels, grid
 
 
 PRESETS: dict[str, Preset] = {
