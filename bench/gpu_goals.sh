@@ -15,8 +15,10 @@
 #   precompute precompute_gpu.py --compile --seq-eager with that preference: (a), (b) with its
 #              steady state, (c), (c_legacy), (d), recompute checks; GPU utilisation sampled
 #   shared     shared_frames.py on vggt-1b: sequence batches with and without shared frames
+#   staging    staging.py --pin: the launching thread's stacking of decoded samples into pinned
+#              memory, uint8 pixels (now) against float32 (before), with the host's workers
 # Outputs in $OUT: env.txt, forward.{json,log}, sdpa_choice.txt, precompute.{json,log},
-# gpu_util_precompute.csv, shared.log, status.txt. Exits 1 when a step failed or was skipped.
+# gpu_util_precompute.csv, shared.log, staging.{json,log}, status.txt. Exits 1 when a step failed or was skipped.
 # SUITE_SECONDS (default 420) caps the whole script.
 
 set -u -o pipefail
@@ -27,10 +29,12 @@ if [[ -n "${BENCH_SMOKE:-}" ]]; then
     FORWARD_ARGS=(--device cpu --preset tiny --sizes 56 --batches 2 --stream-size 56 --stream-batches 2 --modes eager --quick)
     PRECOMPUTE_ARGS=(--device cpu --model tiny --images 24 --seq-items 6 --batch-size 4 --time-budget 120)
     SHARED_ARGS=(--items 2 --size 224 --repeat 1)
+    STAGING_ARGS=(--images 64 --repeat 1)
 else
     FORWARD_ARGS=(--sizes 644 --batches 32 --stream-size 644 --stream-batches 16 --modes compile)
     PRECOMPUTE_ARGS=(--compile --seq-eager --images 2000 --seq-items 200 --time-budget 230)
     SHARED_ARGS=(--device cuda --model random:vggt-1b --items 16)
+    STAGING_ARGS=(--images 640 --workers "$(($(nproc) - 1))" --repeat 3 --pin)
 fi
 
 echo "== env"
@@ -60,6 +64,8 @@ smi_stop
 rmdir "$WORK" 2>/dev/null
 
 step shared 60 "$PY" bench/shared_frames.py "${SHARED_ARGS[@]}"
+
+step staging 60 "$PY" bench/staging.py "${STAGING_ARGS[@]}" --out "$OUT/staging.json"
 
 echo "== done in ${SECONDS}s; step exit codes:"
 cat "$OUT/status.txt"
