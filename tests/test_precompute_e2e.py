@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import io
 import json
 import os
 import threading
@@ -528,23 +529,33 @@ def test_out_of_memory_halves_the_batch_then_fails_single_items(tmp_path, monkey
 
 @pytest.fixture
 def disk_fills_after(monkeypatch):
-    """torch.save writes part of the file, then fails with ENOSPC, once `n` saves succeeded."""
+    """Once `n` sidecar files were opened, later ones fail with ENOSPC after their first KiB.
+
+    The real torch.save writes to them, as on a full disk: its zip writer swallows the OSError
+    and raises a RuntimeError without errno ("unexpected pos"), which must still read as ENOSPC.
+    """
 
     def install(n: int) -> None:
-        real_save = torch.save
-        count = Counter()
+        opened = Counter()
         lock = threading.Lock()
 
-        def save(obj, fh, *args, **kwargs):
-            with lock:
-                count["calls"] += 1
-                full = count["calls"] > n
-            if full:
-                fh.write(b"PK\x03\x04 partial")
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_save(obj, fh, *args, **kwargs)
+        class FillingFile(io.FileIO):
+            full = False
 
-        monkeypatch.setattr(torch, "save", save)
+            def write(self, data):  # type: ignore[no-untyped-def]
+                if self.full and self.tell() > 1024:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return super().write(data)
+
+        def open_sidecar(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+            with lock:
+                opened["files"] += 1
+                full = opened["files"] > n
+            fh = FillingFile(path, mode)
+            fh.full = full
+            return fh
+
+        monkeypatch.setattr(sidecar, "open", open_sidecar, raising=False)
 
     return install
 

@@ -97,7 +97,7 @@ def write(
     tmp = temp_path_for(path)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            _save(payload, fh)
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
@@ -108,6 +108,39 @@ def write(
             os.unlink(tmp)
         raise
     return size
+
+
+class _KeepWriteError:
+    """The file torch.save writes to, keeping the first OSError a write raised.
+
+    torch's zip writer swallows that error and fails later with a RuntimeError that has no
+    errno ("unexpected pos ..."), so a full disk would look like a bug in one item instead of
+    ENOSPC, which stops a run cleanly.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _save(payload: dict[str, Any], fh: Any) -> None:
+    sink = _KeepWriteError(fh)
+    try:
+        torch.save(payload, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None  # the real reason, errno included
+        raise
 
 
 # --------------------------------------------------------------------------- read
