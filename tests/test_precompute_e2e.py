@@ -587,6 +587,32 @@ def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):
     assert temp_files_under(tmp_path) == []
 
 
+def test_a_claim_the_full_disk_refuses_stops_the_run_like_a_write(tmp_path, monkeypatch):
+    from test_precompute_units import _claims_fail_after
+
+    images = episodes_tree(tmp_path, episodes=3, steps=4)
+    _claims_fail_after(monkeypatch, 2)
+    outcome = run(opts(tmp_path, context="none", batch_size=2, chunk_items=2))
+    assert outcome.disk_full.endswith(".claim: No space left on device")
+    assert 0 < outcome.encoded < len(images) and outcome.failed == 0
+    assert list((tmp_path / ".vggtctl" / "claims").glob("*.claim")) == []
+    monkeypatch.undo()
+    rerun = run(opts(tmp_path, context="none", batch_size=2, chunk_items=2))
+    assert (rerun.skipped_claimed, rerun.encoded + outcome.encoded) == (0, len(images))
+
+
+def test_a_claim_that_cannot_be_written_otherwise_is_one_clear_error(tmp_path, monkeypatch):
+    from test_precompute_units import _claims_fail_after
+
+    episodes_tree(tmp_path, episodes=3, steps=4)
+    _claims_fail_after(monkeypatch, 1, errno.EIO)
+    result = _invoke(str(tmp_path), "--context", "none", "--batch-size", "2", "--chunk-items", "2")
+    assert result.exit_code == 2, result.output
+    assert ".claim: cannot write this claim (Input/output error)" in result.stderr
+    assert "Traceback" not in result.output
+    assert list((tmp_path / ".vggtctl" / "claims").glob("*.claim")) == []
+
+
 def test_the_threaded_handoff_of_the_gpu_path_writes_every_item(tmp_path, monkeypatch):
     # On CUDA the rows reach the writers from a handoff thread; run that path on the CPU.
     import functools

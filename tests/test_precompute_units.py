@@ -78,6 +78,32 @@ def test_claim_is_exclusive_and_released(tmp_path):
     assert list(claims.claims_dir(tmp_path).iterdir()) == []
 
 
+def _claims_fail_after(monkeypatch, n: int, err: int = errno.ENOSPC) -> None:
+    """Writing a claim's owner record fails (a full disk) once `n` claims were written."""
+    real_dump = json.dump
+    written = []
+
+    def dump(obj, fh, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(obj, dict) and "book" in obj:
+            if len(written) >= n:
+                raise OSError(err, os.strerror(err))
+            written.append(obj)
+        return real_dump(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dump", dump)
+
+
+def test_a_claim_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    book = claims.ClaimBook(tmp_path)
+    _claims_fail_after(monkeypatch, 0)
+    with pytest.raises(OSError) as info:
+        book.try_claim("c1")
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("c1.claim")
+    assert list(claims.claims_dir(tmp_path).iterdir()) == [] and book.held == set()
+    monkeypatch.undo()
+    assert claims.ClaimBook(tmp_path).try_claim("c1")  # not "being written" for 15 minutes
+
+
 def test_claim_of_live_process_is_respected(tmp_path, sleeper):
     path = _write_claim(tmp_path, "c", _local_owner(sleeper.pid))
     before = path.read_text()

@@ -110,10 +110,21 @@ class ClaimBook:
                 if not self._take_over_if_dead(path):
                     return False
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({**self.owner, "time": time.time()}, fh)
-            with self._lock:
+            with self._lock:  # held from here: an interrupt below still gets it released
                 self.held.add(chunk)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({**self.owner, "time": time.time()}, fh)
+            except BaseException as err:
+                # an empty claim left behind would read as "being written" to every other run
+                # (and to a rerun) until the TTL: remove it
+                with self._lock:
+                    self.held.discard(chunk)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                if isinstance(err, OSError):
+                    raise OSError(err.errno, err.strerror, str(path)) from err
+                raise
             return True
         return False
 

@@ -125,11 +125,8 @@ class SidecarWriter:
             written = sidecar.write(path, features, meta, fsync=self._fsync)
         except OSError as err:
             error = err
-            if err.errno in DISK_FULL_ERRNOS and not self.disk_full.is_set():
-                with self._budget:
-                    if not self.disk_full.is_set():
-                        self.disk_full_message = f"{path}: {err.strerror or err}"
-                        self.disk_full.set()
+            if err.errno in DISK_FULL_ERRNOS:
+                self.mark_disk_full(f"{path}: {err.strerror or err}")
         except Exception as err:  # one bad write fails that item, not the run
             error = err
         finally:
@@ -139,6 +136,13 @@ class SidecarWriter:
                 self._pending_bytes -= nbytes
                 self._budget.notify_all()
         self._on_done(token, written, error)
+
+    def mark_disk_full(self, message: str) -> None:
+        """Stop writing: later writes fail fast as `DiskFullSkipped`; the first message is kept."""
+        with self._budget:
+            if not self.disk_full.is_set():
+                self.disk_full_message = message
+                self.disk_full.set()
 
     @property
     def pending_bytes(self) -> int:

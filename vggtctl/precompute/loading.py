@@ -183,13 +183,19 @@ class ClaimingSampler:
         self.on_chunk = on_chunk
         self.stop = stop
         self.skipped_claimed = 0
+        self.claim_error: OSError | None = None  # a claim could not be written: no more chunks
 
     def __iter__(self) -> Iterator[list[int]]:
         for chunk, indices in self.chunks:
             if self.stop.is_set():
                 return
             if self.claims is not None:
-                if not self.claims.try_claim(chunk):
+                try:
+                    claimed = self.claims.try_claim(chunk)
+                except OSError as err:  # the loop decides (a full disk stops it like a write)
+                    self.claim_error = err
+                    return
+                if not claimed:
                     self.skipped_claimed += len(indices)
                     continue
                 indices = self.recheck(indices)  # another process may have finished some

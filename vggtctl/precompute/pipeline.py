@@ -63,7 +63,7 @@ from vggtctl.precompute.planning import (
 from vggtctl.rankprogress import RankAggregator, final_counts, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
-from vggtctl.writer import DiskFullSkipped, SidecarWriter
+from vggtctl.writer import DISK_FULL_ERRNOS, DiskFullSkipped, SidecarWriter
 
 # --------------------------------------------------------------------------- the run
 
@@ -469,6 +469,9 @@ def _encode_all(
         while True:
             with clock("wait_decode"):
                 loaded = next(batches, None)
+            claim_error = sampler.claim_error
+            if claim_error is not None and claim_error.errno in DISK_FULL_ERRNOS:
+                writer.mark_disk_full(f"{claim_error.filename}: {claim_error.strerror or claim_error}")
             if loaded is None:
                 break
             for sample in loaded:
@@ -487,11 +490,18 @@ def _encode_all(
             if time.monotonic() - heartbeat > HEARTBEAT_S:
                 claims.heartbeat()
                 heartbeat = time.monotonic()
-        if not stop.is_set():
+        if not stop.is_set() and not writer.disk_full.is_set():
             for bucket in buckets.values():
                 for start in range(0, len(bucket), batch_size):
                     pipeline.submit(bucket[start : start + batch_size])
             pipeline.flush()
+        if sampler.claim_error is not None and not writer.disk_full.is_set():
+            err = sampler.claim_error
+            raise ConfigError(
+                f"{err.filename}: cannot write this claim ({err.strerror or err}); the chunks "
+                "claimed before it were encoded, the rest were not: fix the data root's "
+                ".vggtctl folder and rerun to resume"
+            )
     except KeyboardInterrupt:
         stop.set()
         # the batches already computed are written (a second Ctrl-C skips them); a failed
