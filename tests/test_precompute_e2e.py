@@ -355,6 +355,25 @@ def test_ctrl_c_before_encoding_still_prints_one_json_document(tmp_path, monkeyp
     assert "interrupted before encoding started" in result.stderr
 
 
+def test_ctrl_c_after_the_encode_loop_reports_what_was_written(tmp_path, monkeypatch):
+    """A Ctrl-C during --verify's read-back (or while rank 0 waits for slower ranks) comes after
+    every sidecar was written: the run is interrupted, not 'before encoding', and is recorded."""
+    images = episodes_tree(tmp_path)
+
+    def classify(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sidecar, "classify", classify)
+    result = _invoke(str(tmp_path), "--context", "none", "--verify", "--json")
+    assert result.exit_code == 130, result.output
+    doc = json.loads(result.stdout)
+    assert doc["interrupted"] is True and doc["encoded"] == len(images) and "before_encoding" not in doc
+    assert "before encoding started" not in result.stderr
+    assert len(sidecars_under(tmp_path)) == len(images)
+    (last,) = manifest.load(tmp_path).runs
+    assert last["interrupted"] is True and last["encoded"] == len(images)
+
+
 def test_empty_root_says_so(tmp_path):
     result = _invoke(str(tmp_path), "--json")
     assert result.exit_code == 0

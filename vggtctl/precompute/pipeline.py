@@ -267,26 +267,35 @@ def _execute(
         outcome.per_rank = [progress.encoded]
         rank_reporter.finish()  # with several ranks: publishes this rank's final counts
 
-    if outcome.interrupted:
-        if info.is_main:
+    recorded = False
+    if not outcome.interrupted:
+        # A Ctrl-C here (a long --verify read-back, rank 0 waiting for slower ranks in the
+        # gather) is still an interrupted run that wrote sidecars: it takes the path below.
+        try:
+            if opts.verify and progress.written_paths:
+                outcome.verify_problems = sum(
+                    sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
+                )
             if info.is_distributed:
-                _merge_interrupted(outcome, root, run_id, info)
-                reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
-                reporter.finish()
-            _record_manifest(opts, outcome, key)
-        raise PrecomputeInterrupted(outcome)
-    if opts.verify and progress.written_paths:
-        outcome.verify_problems = sum(
-            sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
-        )
-    if info.is_distributed:
-        _merge_ranks(outcome, info)
+                _merge_ranks(outcome, info)
+            if info.is_main:
+                if info.is_distributed:
+                    reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
+                    reporter.finish()
+                    remove_run_dir(root, run_id)  # every rank has published its last counts
+                recorded = True
+                _record_manifest(opts, outcome, key)
+            return
+        except KeyboardInterrupt:
+            outcome.interrupted = True
     if info.is_main:
         if info.is_distributed:
+            _merge_interrupted(outcome, root, run_id, info)
             reporter.update(outcome.encoded, outcome.failed, outcome.bytes_written)
             reporter.finish()
-            remove_run_dir(root, run_id)  # every rank has published its last counts
-        _record_manifest(opts, outcome, key)
+        if not recorded:
+            _record_manifest(opts, outcome, key)
+    raise PrecomputeInterrupted(outcome)
 
 
 def _merge_interrupted(outcome: Outcome, root: Path, run_id: str, info: DistInfo) -> None:
