@@ -349,7 +349,13 @@ class _FakeLauncher:
 
 @pytest.mark.parametrize(
     ("codes", "launcher", "expected"),
-    [({0: 0, 1: 0}, 0, 0), ({0: 3, 1: 0}, 0, 3), ({0: 0, 1: 130}, 0, 130), ({0: 0}, 1, 1)],
+    [
+        ({0: 0, 1: 0}, 0, 0),
+        ({0: 3, 1: 0}, 0, 3),
+        ({0: 0, 1: 130}, 0, 130),
+        ({0: 0}, 1, 1),
+        ({1: 130}, 1, 1),  # rank 0 crashed; the launcher's SIGTERM made rank 1 report 130
+    ],
 )
 def test_relaunch_exit_code_is_the_worst_rank(monkeypatch, codes, launcher, expected):
     monkeypatch.setattr(distributed.subprocess, "Popen", _FakeLauncher)

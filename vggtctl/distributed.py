@@ -218,7 +218,8 @@ def _interrupt_ranks(folder: str, launcher: subprocess.Popen[bytes]) -> None:
 
 def relaunch(nproc: int, cli_args: list[str]) -> int:
     """Run the command again under torch's elastic launcher; the exit code is the worst a rank
-    reported (130 > 3 > 2 > 0), or the launcher's own (1) when a rank crashed.
+    reported (130 > 3 > 2 > 0), or the launcher's own (1) when a rank crashed (left no code:
+    the launcher then stops the others with SIGTERM, which they report as 130).
 
     The launcher runs in a session of its own, so a terminal's Ctrl-C reaches this process
     only, which passes it on to the ranks (`_interrupt_ranks`).
@@ -246,8 +247,11 @@ def relaunch(nproc: int, cli_args: list[str]) -> int:
                 continue
             with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as fh:
                 codes.append(int(fh.read().strip()))
-        if interrupted or 130 in codes:
+        if interrupted:
             return 130
-        return max([launcher, *codes])
+        if launcher != 0 and len(codes) < nproc:
+            # a rank crashed (it left no code); the others' 130 is only the launcher's SIGTERM
+            return launcher
+        return 130 if 130 in codes else max([launcher, *codes])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
