@@ -596,6 +596,18 @@ def test_disk_full_stops_cleanly(tmp_path, disk_fills_after):
     assert manifest.load(tmp_path).runs[-1]["disk_full"]
 
 
+def test_disk_full_counts_every_encoded_row(tmp_path, disk_fills_after, monkeypatch):
+    from vggtctl.encoder import Encoder
+
+    episodes_tree(tmp_path, episodes=3, steps=4)
+    real, rows = Encoder.encode_frames, []
+    monkeypatch.setattr(Encoder, "encode_frames", lambda self, b: rows.append(len(b)) or real(self, b))
+    disk_fills_after(3)
+    outcome = run(opts(tmp_path, context="none", batch_size=2))
+    assert outcome.disk_full and outcome.not_written > 0
+    assert sum(rows) == outcome.encoded + outcome.failed + outcome.not_written
+
+
 def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):
     episodes_tree(tmp_path, episodes=2, steps=4)
     disk_fills_after(2)

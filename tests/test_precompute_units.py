@@ -622,6 +622,79 @@ def test_a_failed_handoff_fails_its_items_and_stops_the_run(tmp_path, _unfreeze)
     assert sorted(done) == [4, 5] and len(sink.rows) == 4
 
 
+def test_after_a_failed_handoff_no_more_work_is_launched(tmp_path, _unfreeze):
+    """The error stops the run at the next submit, before its batch is launched: a launched
+    batch nobody hands off would be neither written nor failed."""
+    sink = _RowSink(fail_on="img4")
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 9)
+    launched = []
+    encode = pipeline.encoder.encode_frames
+    pipeline.encoder.encode_frames = lambda x: launched.append(len(x)) or encode(x)
+    pipeline.submit(samples[:3])
+    pipeline.submit(samples[3:6])
+    pipeline._handoff._queue.join()  # the second batch's handoff has failed by now
+    with pytest.raises(RuntimeError, match="handoff broke"):
+        pipeline.submit(samples[6:9])
+    pipeline.stop()
+    assert launched == [3, 3] and len(sink.rows) == 4 and len(failed) == 2
+
+
+def test_an_interrupt_in_the_inline_handoff_fails_nothing_and_keeps_the_new_batch(tmp_path, _unfreeze):
+    """CPU: the launching thread hands off inline and can be interrupted there (waiting for the
+    writers). That is no failure, and the batch just computed is still written by flush()."""
+
+    class InterruptedOnce(_RowSink):
+        def submit_copy(self, path, row, meta, token) -> None:
+            if "img1" in path and not getattr(self, "fired", False):
+                self.fired = True
+                raise KeyboardInterrupt
+            super().submit_copy(path, row, meta, token)
+
+    sink = InterruptedOnce()
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 6, thread=False)
+    pipeline.submit(samples[:3])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.submit(samples[3:6])  # hands off the first batch inline: img1 is interrupted
+    pipeline.flush()  # what _encode_all does on Ctrl-C
+    pipeline.stop()
+    written = sorted(os.path.basename(sidecar.image_path_of(p)) for p in sink.rows)
+    assert failed == []
+    assert written == ["img0.jpg", "img3.jpg", "img4.jpg", "img5.jpg"]  # img1, img2: the rerun's
+
+
+def test_stop_hands_off_the_inline_pending_batch(tmp_path, _unfreeze):
+    """After a full disk the loop skips flush(); stop() still hands the computed rows to the
+    writers, which count them as not written (nothing encoded goes uncounted)."""
+    sink = _RowSink()
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 4, thread=False)
+    pipeline.submit(samples[:2])
+    pipeline.submit(samples[2:4])
+    assert len(sink.rows) == 2
+    pipeline.stop()
+    assert len(sink.rows) == 4 and failed == []
+
+
+def test_out_of_memory_under_a_padded_shape_lowers_the_shape(tmp_path, _unfreeze):
+    """--compile pads every batch to one shape; halves padded back to it would not fit either."""
+    sink = _RowSink()
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 8, thread=False)
+    rows = []
+
+    def encode_frames(x):
+        rows.append(len(x))
+        if len(x) > 4:  # the GPU holds 4 rows
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x.flatten(1)
+
+    pipeline.encoder.encode_frames = encode_frames
+    pipeline.pad_to = 8
+    pipeline.submit(samples)
+    pipeline.submit(samples[:1])  # later batches are padded to the new shape
+    pipeline.flush()
+    pipeline.stop()
+    assert failed == [] and rows == [8, 4, 4, 4] and pipeline.pad_to == 4
+
+
 def test_the_pinned_pool_is_warmed_with_what_the_loop_holds_at_most(tmp_path, monkeypatch, _unfreeze):
     """CUDA only (faked here): two staging blocks and four feature blocks, pinned, then freed;
     on the CPU nothing is allocated; a failing allocation is only a lost head start."""

@@ -70,6 +70,10 @@ class GpuPipeline:
         self._handoff = _HandoffThread(self._hand_off, device) if threaded else None
 
     def submit(self, batch: list[Prepared]) -> None:
+        if self._handoff is not None:
+            # a failed handoff (a CUDA fault) stops the run here, before more work is launched
+            # whose rows nobody would hand off
+            self._handoff.raise_error()
         first = self.launches == 0
         self.launches += 1
         try:
@@ -81,6 +85,8 @@ class GpuPipeline:
                 # a batch of long sequences may not fit where shorter ones did: halve and retry
                 self.halved += 1
                 half = len(batch) // 2
+                if self.pad_to:  # padded back to full size, the halves would not fit either
+                    self.pad_to = half  # the compiled shape for the rest of the run
                 self.submit(batch[:half])
                 self.submit(batch[half:])
                 return
@@ -91,12 +97,14 @@ class GpuPipeline:
                 self.item_done(sample.index)
             return
         if self._handoff is not None:
-            self._handoff.raise_error()  # a failed handoff (a CUDA fault) stops the run here
             with self.clock("wait_handoff"):
                 self._handoff.put(launched)
         else:
-            self._drain()
-            self.pending = launched
+            # pending first: interrupted while handing off the previous batch, this one is
+            # still written by flush()
+            previous, self.pending = self.pending, launched
+            if previous is not None:
+                self._hand_off(previous)
         if first:
             # Whatever the first batch left alive (compiled graphs and guards with --compile:
             # hundreds of thousands of objects) lives for the run: stop the cycle collector from
@@ -128,9 +136,12 @@ class GpuPipeline:
         self._drain()
 
     def stop(self) -> None:
-        """Hand off what is queued, then end the handoff thread (never raises: for `finally`)."""
+        """Hand off what is queued or pending, then end the handoff thread (never raises: for
+        `finally`). After a full disk the writers count those rows as not written."""
         if self._handoff is not None:
             self._handoff.stop()
+        with contextlib.suppress(Exception):
+            self._drain()
 
     def _launch(self, batch: list[Prepared]) -> tuple[Any, torch.Tensor, list[Prepared]]:
         cuda = self.copy_streams is not None
@@ -182,13 +193,15 @@ class GpuPipeline:
                     # to torch's pool now, not when the writers reach its last row
                     self.writer.submit_copy(path, host[row], sample.meta, (sample.index, path))
                     handed += 1
-        except BaseException as err:
+        except Exception as err:
             for sample in batch[handed:]:  # their claims must not wait for writes that never come
                 self.progress.fail(
                     Failure(self.items[sample.index].image, "encode", f"{type(err).__name__}: {err}")
                 )
                 self.item_done(sample.index)
             raise
+        # a KeyboardInterrupt (the inline handoff waiting for the writers) is no failure: the
+        # rows not handed off are not written, their claims go with the run's, a rerun does them
 
 
 class _HandoffThread:
