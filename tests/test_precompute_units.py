@@ -104,6 +104,33 @@ def test_a_claim_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch
     assert claims.ClaimBook(tmp_path).try_claim("c1")  # not "being written" for 15 minutes
 
 
+def test_a_stalled_owner_leaves_the_claim_it_lost_alone(tmp_path):
+    """Owner A stalls past the TTL; B (another host) takes the chunk over. When A wakes up, its
+    heartbeat and release must not touch B's claim, or a third process could claim it too."""
+    a, b, c = (claims.ClaimBook(tmp_path) for _ in range(3))
+    for book, host in ((a, "node-a"), (b, "node-b"), (c, "node-c")):
+        book.owner["host"] = host
+    assert a.try_claim("chunk0")
+    path = claims.claims_dir(tmp_path) / "chunk0.claim"
+    stale = time.time() - claims.DEFAULT_TTL_S - 60
+    os.utime(path, (stale, stale))
+    assert b.try_claim("chunk0")
+    earlier = time.time() - 120
+    os.utime(path, (earlier, earlier))
+    a.heartbeat()
+    assert path.stat().st_mtime == pytest.approx(earlier)  # B's claim, not refreshed by A
+    assert "chunk0" not in a.held  # A knows it lost it
+    a.release("chunk0")
+    a.held.add("chunk0")  # even a release of a claim A still believes it holds
+    a.release("chunk0")
+    assert json.loads(path.read_text())["host"] == "node-b"
+    assert not c.try_claim("chunk0")
+    b.release("chunk0")
+    assert c.try_claim("chunk0")
+    for book in (a, b, c):
+        book.release_all()
+
+
 def test_claim_of_live_process_is_respected(tmp_path, sleeper):
     path = _write_claim(tmp_path, "c", _local_owner(sleeper.pid))
     before = path.read_text()

@@ -199,11 +199,24 @@ class ClaimBook:
             with contextlib.suppress(OSError):
                 probe.unlink()
 
+    def _still_ours(self, chunk: str) -> bool:
+        """Whether the claim file still names this book: a process stalled past the TTL may have
+        lost its claims to another host, whose claims it must then neither refresh nor remove."""
+        try:
+            owner = json.loads(self._path(chunk).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(owner, dict) and owner.get("book") == self.owner["book"]
+
     def heartbeat(self) -> None:
         """Refresh the mtime of held claims so other hosts see them as alive."""
         with self._lock:
             held = list(self.held)
         for chunk in held:
+            if not self._still_ours(chunk):
+                with self._lock:
+                    self.held.discard(chunk)  # taken over: the new owner's claim is left alone
+                continue
             with contextlib.suppress(OSError):
                 os.utime(self._path(chunk))
 
@@ -212,8 +225,9 @@ class ClaimBook:
             if chunk not in self.held:
                 return
             self.held.discard(chunk)
-        with contextlib.suppress(FileNotFoundError):
-            self._path(chunk).unlink()
+        if self._still_ours(chunk):
+            with contextlib.suppress(FileNotFoundError):
+                self._path(chunk).unlink()
 
     def release_all(self) -> None:
         """Release every held claim; the book is closed afterwards (its leftovers are dead)."""
