@@ -106,6 +106,24 @@ def test_force_skips_what_another_run_wrote_after_it_began(tmp_path):
     assert [p.name for p in (tmp_path / ".vggtctl" / "claims").iterdir()] == []  # no probe left
 
 
+def test_force_counts_from_when_the_run_began_not_from_when_encoding_began(tmp_path, monkeypatch):
+    """A sidecar another run rewrote while this one was still walking the tree is fresh too."""
+    from vggtctl.precompute import pipeline as pipeline_mod
+
+    images = episodes_tree(tmp_path, episodes=2, steps=3)
+    run(opts(tmp_path, max_history=2))
+    real_load = pipeline_mod.load_catalog
+
+    def slow_walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        os.utime(sidecar.sidecar_path(images[0]))  # "rewritten" by another run meanwhile
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod, "load_catalog", slow_walk)
+    forced = run(opts(tmp_path, max_history=2, force=True))
+    assert forced.encoded == len(images) - 1
+
+
 def test_other_history_length_is_a_context_mismatch(tmp_path):
     episodes_tree(tmp_path, episodes=1, steps=4)
     outcome = run(opts(tmp_path, max_history=2))

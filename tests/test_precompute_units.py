@@ -7,11 +7,13 @@ import errno
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -392,6 +394,18 @@ def test_relaunch_exit_code_is_the_worst_rank(monkeypatch, codes, launcher, expe
     argv = _FakeLauncher.argv
     assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert argv[5:] == ["-m", "vggtctl", "precompute", "/data", "--json"]
+
+
+@pytest.mark.parametrize("nproc, launcher_told", [(1, False), (2, True)])
+def test_ctrl_c_reaches_announced_ranks_and_the_launcher_while_some_are_missing(
+    tmp_path, sleeper, nproc, launcher_told
+):
+    (tmp_path / f"{sleeper.pid}.pid").write_text(str(sleeper.pid))
+    told = []
+    launcher = types.SimpleNamespace(send_signal=told.append)
+    distributed._interrupt_ranks(str(tmp_path), launcher, nproc)
+    assert sleeper.wait(timeout=10) != 0  # the announced rank got SIGINT
+    assert told == ([signal.SIGINT] if launcher_told else [])
 
 
 def test_report_exit_code_only_under_relaunch(monkeypatch, tmp_path):

@@ -75,6 +75,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def file_system_now_ns(root: str | os.PathLike[str]) -> int | None:
+    """The time on the data root's file system's own clock (ns), None where it cannot be read.
+
+    Files on NFS get their mtimes from the server; comparing them with this host's clock
+    would be off by the clocks' skew. A file created there and stat'ed reads the server's.
+    """
+    folder = claims_dir(root)
+    probe = folder / f".now-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        return probe.stat().st_mtime_ns
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 class ClaimBook:
     """Claims held by this process; `release_all` on every exit path. Thread-safe: writer
     threads release chunks as their last item lands."""
@@ -182,22 +201,6 @@ class ClaimBook:
             aside.unlink()
         self.taken_over += 1
         return True
-
-    def file_system_now_ns(self) -> int | None:
-        """The time on the file system's own clock (ns), None where it cannot be read.
-
-        Files on NFS get their mtimes from the server; comparing them with this host's clock
-        would be off by the clocks' skew. A file created here and stat'ed reads the server's.
-        """
-        probe = self.dir / f".now-{self.pid}-{secrets.token_hex(4)}"
-        try:
-            probe.touch(exist_ok=False)
-            return probe.stat().st_mtime_ns
-        except OSError:
-            return None
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
 
     def _still_ours(self, chunk: str) -> bool:
         """Whether the claim file still names this book: a process stalled past the TTL may have

@@ -198,19 +198,19 @@ def announce_rank() -> None:
             fh.write(str(os.getpid()))
 
 
-def _interrupt_ranks(folder: str, launcher: subprocess.Popen[bytes]) -> None:
+def _interrupt_ranks(folder: str, launcher: subprocess.Popen[bytes], nproc: int) -> None:
     """SIGINT to each rank, not to torch's launcher: the ranks finish their writes and exit
     normally, and the launcher, which turns a signal of its own into tracebacks on stderr, ends
-    as after any run. Ranks that have not announced themselves yet: the launcher is told."""
+    as after any run. While some ranks have not announced themselves yet, the launcher is told
+    too (they would otherwise wait for the others in a collective until its timeout)."""
     pids = []
     for name in os.listdir(folder):
         if name.endswith(".pid"):
             with contextlib.suppress(ValueError):
                 pids.append(int(name.removesuffix(".pid")))
-    if not pids:
+    if len(pids) < nproc:
         with contextlib.suppress(ProcessLookupError):
             launcher.send_signal(signal.SIGINT)
-        return
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGINT)
@@ -233,7 +233,7 @@ def relaunch(nproc: int, cli_args: list[str]) -> int:
             launcher = proc.wait()
             interrupted = False
         except KeyboardInterrupt:
-            _interrupt_ranks(folder, proc)
+            _interrupt_ranks(folder, proc, nproc)
             try:
                 launcher = proc.wait()
             except KeyboardInterrupt:  # a second Ctrl-C: stop the launcher itself

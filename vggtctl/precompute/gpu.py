@@ -237,10 +237,13 @@ class _HandoffThread:
             self._thread.join()
 
     def _run(self) -> None:
-        if self._device.type == "cuda" and self._device.index is not None:
-            # a new thread starts on device 0: without this, the CUDA calls it makes (event
-            # waits, freeing pinned buffers) would open a context on GPU 0 for every rank
-            torch.cuda.set_device(self._device)
+        try:
+            if self._device.type == "cuda" and self._device.index is not None:
+                # a new thread starts on device 0: without this, the CUDA calls it makes (event
+                # waits, freeing pinned buffers) would open a context on GPU 0 for every rank
+                torch.cuda.set_device(self._device)
+        except BaseException as err:  # kept for the next submit; the thread must stay to drain
+            self._error = err
         while True:
             launched = self._queue.get()
             try:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vggtctl import sidecar
 from vggtctl.catalog import Catalog, Item, load_catalog
-from vggtctl.claims import HEARTBEAT_S, ClaimBook, claims_dir
+from vggtctl.claims import HEARTBEAT_S, ClaimBook, claims_dir, file_system_now_ns
 from vggtctl.data import FeatureStore
 from vggtctl.distributed import (
     DistInfo,
@@ -142,6 +142,10 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     if not root.is_dir():
         raise ConfigError(f"{root}: data root is not a folder")
     check_options(opts)
+    # --force re-encodes what was there when the run began, not what a concurrent run (another
+    # --force on a second node, say) wrote for this key since: that is fresh by definition.
+    # Taken before the catalog walk and the model load, which can take minutes on 10^7 items.
+    forced_since = file_system_now_ns(root) if opts.force and not opts.dry_run else None
     grouped = init_group(info)
     try:
         catalog = shared_catalog(opts, info)
@@ -174,7 +178,20 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
                 _merge_plans(outcome, info)
             return outcome
         _execute(
-            opts, catalog, items, mine, todo, store, encoder, preset, key, device, info, outcome, reporter
+            opts,
+            catalog,
+            items,
+            mine,
+            todo,
+            store,
+            encoder,
+            preset,
+            key,
+            device,
+            info,
+            outcome,
+            reporter,
+            forced_since,
         )
         return outcome
     finally:
@@ -231,6 +248,7 @@ def _execute(
     info: DistInfo,
     outcome: Outcome,
     reporter: Reporter,
+    forced_since: int | None,
 ) -> None:
     root = Path(opts.root)
     run_id = broadcast_object(time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], info)
@@ -254,7 +272,20 @@ def _execute(
     start = time.perf_counter()
     try:
         rank_reporter.start(len(todo), outcome.plan)
-        _encode_all(opts, items, my_chunks, store, encoder, key, preset, device, claims, progress, outcome)
+        _encode_all(
+            opts,
+            items,
+            my_chunks,
+            store,
+            encoder,
+            key,
+            preset,
+            device,
+            claims,
+            progress,
+            outcome,
+            forced_since,
+        )
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -408,6 +439,7 @@ def _encode_all(
     claims: ClaimBook,
     progress: RunCounters,
     outcome: Outcome,
+    forced_since: int | None,
 ) -> None:
     """Claim, decode, encode and write this rank's chunks. KeyboardInterrupt propagates after
     the in-flight writes have finished (the claims are released by the caller)."""
@@ -419,10 +451,6 @@ def _encode_all(
     info = dist_info()
     stop = threading.Event()
     tracker = _ChunkTracker(claims)
-
-    # --force re-encodes what was there when the run began, not what a concurrent run (another
-    # --force on a second node, say) wrote for this key since: that is fresh by definition
-    forced_since = claims.file_system_now_ns() if opts.force else None
 
     def recheck(indices: list[int]) -> list[int]:
         if opts.force:
@@ -520,8 +548,12 @@ def _encode_all(
         raise
     finally:
         del batches  # stops the decode workers now, not when a traceback lets go of this frame
-        pipeline.stop()  # queued batches are handed off first
-        writer.close()
+        try:
+            pipeline.stop()  # queued batches are handed off first
+        finally:
+            # also after a second Ctrl-C in stop(): the counts and the claims' release below
+            # must come after the last write
+            writer.close()
         gc.unfreeze()
         outcome.stage_seconds = clock.report(writer.blocked_seconds)
         outcome.skipped_claimed = sampler.skipped_claimed
