@@ -314,6 +314,23 @@ def test_writer_reports_errors_per_item(monkeypatch):
     assert not writer.disk_full.is_set()
 
 
+def test_a_failing_done_callback_is_raised_by_close_not_swallowed(monkeypatch):
+    monkeypatch.setattr(sidecar, "write", lambda path, features, meta, fsync=False: 5)
+    done = []
+
+    def on_done(token, nbytes, error):  # type: ignore[no-untyped-def]
+        if token == "bad":
+            raise RuntimeError("bookkeeping bug")
+        done.append(token)
+
+    writer = SidecarWriter(on_done, threads=2)
+    for name in ("a", "bad", "b"):
+        writer.submit(name, torch.zeros(2), _meta(), name)
+    with pytest.raises(RuntimeError, match="bookkeeping bug"):
+        writer.close()
+    assert sorted(done) == ["a", "b"]
+
+
 # --------------------------------------------------------------------------- CPUs
 
 

@@ -79,6 +79,7 @@ class SidecarWriter:
         self._rows = RowPool()
         self.disk_full = threading.Event()
         self.disk_full_message = ""
+        self._callback_error: BaseException | None = None
 
     def submit(self, path: str, features: torch.Tensor, meta: dict[str, Any], token: Any) -> None:
         """Queue `features` (owned by the writer from now on) for `path`."""
@@ -135,7 +136,10 @@ class SidecarWriter:
             with self._budget:
                 self._pending_bytes -= nbytes
                 self._budget.notify_all()
-        self._on_done(token, written, error)
+        try:
+            self._on_done(token, written, error)
+        except BaseException as err:  # a future would swallow it: close() raises it instead
+            self._callback_error = self._callback_error or err
 
     def mark_disk_full(self, message: str) -> None:
         """Stop writing: later writes fail fast as `DiskFullSkipped`; the first message is kept."""
@@ -149,5 +153,9 @@ class SidecarWriter:
         return self._pending_bytes
 
     def close(self) -> None:
-        """Finish every submitted write (also on Ctrl-C: in-flight writes complete)."""
+        """Finish every submitted write (also on Ctrl-C: in-flight writes complete); then raise
+        what an `on_done` callback raised, if one did (its item's bookkeeping is incomplete)."""
         self._pool.shutdown(wait=True)
+        if self._callback_error is not None:
+            error, self._callback_error = self._callback_error, None
+            raise error
