@@ -392,6 +392,27 @@ def test_ctrl_c_after_the_encode_loop_reports_what_was_written(tmp_path, monkeyp
     assert last["interrupted"] is True and last["encoded"] == len(images)
 
 
+def test_a_ctrl_c_once_the_run_is_recorded_does_not_change_the_exit_code(tmp_path, monkeypatch):
+    """The last half second (printing, exiting) comes after the manifest entry: a Ctrl-C then
+    must not exit 130 next to a document that says the run completed."""
+    import signal
+
+    from vggtctl.cli import precompute as precompute_cli
+
+    images = episodes_tree(tmp_path, episodes=1, steps=3)
+    real_show = precompute_cli._show
+
+    def show_after_a_late_ctrl_c(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_show(*args, **kwargs)
+
+    monkeypatch.setattr(precompute_cli, "_show", show_after_a_late_ctrl_c)
+    result = _invoke(str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["interrupted"], doc["encoded"]) == (False, len(images))
+
+
 def test_empty_root_says_so(tmp_path):
     result = _invoke(str(tmp_path), "--json")
     assert result.exit_code == 0

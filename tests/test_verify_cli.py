@@ -55,6 +55,20 @@ def test_all_valid_exits_zero(make_tree, cli_app, runner, checkpoint) -> None:
     assert "All 2 sidecars are valid" in result.stdout
 
 
+def test_ctrl_c_with_json_still_prints_one_document(make_tree, cli_app, runner, monkeypatch) -> None:
+    from vggtctl.cli import audit_view
+
+    tree = make_tree({"a/x.jpg": "valid"})
+
+    def interrupted(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit_view, "run_audit", interrupted)
+    result = runner.invoke(cli_app, ["verify", str(tree.root), "--json"])
+    assert result.exit_code == 130
+    assert json.loads(result.stdout) == {"interrupted": True, "exit_code": 130}
+
+
 @pytest.mark.parametrize("kind", ["legacy", "temp", "orphan"])
 def test_legacy_temp_and_orphans_are_problems(make_tree, cli_app, runner, kind: str) -> None:
     tree = make_tree({"a.jpg": "valid", "b.jpg": kind})

@@ -315,6 +315,7 @@ def register(app: typer.Typer) -> None:
         except VggtctlError as err:
             _exit(_error(err), info)
         except PrecomputeInterrupted as stop:
+            render.results_are_final()
             if info.is_main:
                 _show(stop.outcome, root, as_json, dry_run=False)
                 render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
@@ -324,6 +325,7 @@ def register(app: typer.Typer) -> None:
                 render.print_json({"interrupted": True, "encoded": 0, "before_encoding": True})
             render.err.print("interrupted before encoding started; nothing was written", markup=False)
             _exit(EXIT_INTERRUPTED, info)
+        render.results_are_final()  # the run is recorded: a late Ctrl-C must not make it 130
         if info.is_main:
             _show(outcome, root, as_json, dry_run)
         _exit(exit_code(outcome), info)

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             "temp": temp,
         }
         chosen = [name for name, on in flags.items() if on or all_invalid]
-        with render.command_errors("interrupted; nothing more deleted"):
+        with render.command_errors("interrupted; nothing more deleted", as_json=as_json):
             code = run(
                 root,
                 chosen,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -64,16 +65,27 @@ def fail(error: VggtctlError | str, code: int | None = None) -> NoReturn:
 
 
 @contextlib.contextmanager
-def command_errors(interrupted: str = "interrupted") -> Iterator[None]:
+def command_errors(interrupted: str = "interrupted", *, as_json: bool = False) -> Iterator[None]:
     """The error convention of every command: a VggtctlError is one line on stderr with its
-    exit code; Ctrl-C prints `interrupted` and exits 130."""
+    exit code; Ctrl-C prints `interrupted` and exits 130 (with `--json`, stdout still gets its
+    one document: `{"interrupted": true}`)."""
     try:
         yield
     except VggtctlError as error:
         fail(error)
     except KeyboardInterrupt:
+        if as_json:
+            print_json({"interrupted": True, "exit_code": EXIT_INTERRUPTED})
         err.print(interrupted, markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def results_are_final() -> None:
+    """From here on the command only reports work that is done and recorded: a Ctrl-C now would
+    turn the exit code into 130 next to a result that says the run completed. SIGINT is ignored
+    until the process exits."""
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding test runner)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def is_interactive() -> bool:

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from vggtctl.cli import render
 
-        with render.command_errors():
+        with render.command_errors(as_json=as_json):
             report = run(root, depth, sort.value, top, workers, processes, deep, vggt_model)
         for problem in report.unreadable:
             render.err.print(f"warning: cannot read {problem} (skipped)", markup=False, soft_wrap=True)

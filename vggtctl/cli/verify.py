@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from vggtctl.cli import render
 
-        with render.command_errors():
+        with render.command_errors(as_json=as_json):
             code = run(
                 root,
                 quick=quick,
