@@ -174,6 +174,21 @@ def test_hub_id_from_local_cache(tmp_path, golden_state, monkeypatch):
         load_model("someorg/not-cached")
 
 
+def test_hub_download_without_a_network_says_so(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, local_files_only=False, **_kwargs):  # type: ignore[no-untyped-def]
+        # what the client raises when the Hub cannot be reached and the file is not cached
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(CheckpointError, match=r"cannot reach the Hugging Face Hub for model\.safetensors"):
+        load_model("someorg/vggt", allow_download=True)
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        load_model("someorg/vggt")
+
+
 def test_tiny_random_is_deterministic_and_labelled():
     first, second = load_model("tiny-random"), load_model("tiny-random")
     assert first.name == "tiny-random" and first.preset == "tiny"

@@ -150,13 +150,24 @@ def _resolve_hub(repo_id: str, allow_download: bool) -> tuple[Path, Path | None,
     from huggingface_hub import hf_hub_download
 
     try:
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:  # older huggingface_hub
-        from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     def fetch(filename: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, filename, local_files_only=not allow_download))
+        except LocalEntryNotFoundError:
+            if allow_download:  # the Hub could not be asked (no network, a proxy, a timeout)
+                raise CheckpointError(
+                    f"{repo_id}: cannot reach the Hugging Face Hub for {filename}, and it is not "
+                    "in the local cache (check the network, or download it where there is one)"
+                ) from None
+            return None
         except (EntryNotFoundError, FileNotFoundError):
             return None
         except RepositoryNotFoundError:
