@@ -169,7 +169,11 @@ def test_expectation_without_anything_checks_no_model(tmp_path: Path) -> None:
 def test_tiny_random_fingerprint_matches_the_model_package(tmp_path: Path) -> None:
     from vggtctl.model import TINY_RANDOM_FINGERPRINT
 
-    assert audit.expectation_from(tmp_path, "tiny-random").model_fingerprint == TINY_RANDOM_FINGERPRINT
+    expect = audit.expectation_from(tmp_path, "tiny-random")
+    assert expect.model_fingerprint == TINY_RANDOM_FINGERPRINT
+    assert audit.describe(expect) == (
+        f"model tiny-random (random weights: features are meaningless) {TINY_RANDOM_FINGERPRINT[:12]}"
+    )
 
 
 @pytest.mark.parametrize("spec", ["empty-folder", "missing/file.safetensors"])

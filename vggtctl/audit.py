@@ -20,7 +20,7 @@ from typing import Any
 from vggtctl import manifest, scan
 from vggtctl.catalog.base import Item, item_frames_for_key
 from vggtctl.catalog.episodes import episode_histories
-from vggtctl.keys import FeatureKey, checkpoint_fingerprint
+from vggtctl.keys import FeatureKey, checkpoint_fingerprint, is_random_model_name
 from vggtctl.sidecar import Expectation, Verdict, classify
 
 CHUNK = 32  # sidecars per pool task: amortizes task overhead on folders with many files
@@ -354,10 +354,11 @@ def expectation_from(root: str | os.PathLike[str], vggt_model: str | None = None
     key = manifest.load(root).current_key
     fingerprint = model_fingerprint(vggt_model) if vggt_model else None
     if key is None:
-        return Expectation(model_fingerprint=fingerprint)
+        return Expectation(model_fingerprint=fingerprint, model_name=vggt_model)
     if fingerprint is not None:
         return Expectation(
             model_fingerprint=fingerprint,
+            model_name=vggt_model,
             preprocess_fingerprint=key.preprocess_fingerprint,
             context_kind=key.context.kind,
         )
@@ -429,6 +430,11 @@ def describe(expect: Expectation | None) -> str:
     if expect.model is not None:
         m = expect.model
         parts.append(f"model {m.label} {m.fingerprint[:12]} layer {m.layer} {m.attention} {m.dtype}")
+    elif expect.model_name:
+        name = expect.model_name
+        if is_random_model_name(name):
+            name += " (random weights: features are meaningless)"
+        parts.append(f"model {name} {str(expect.model_fingerprint)[:12]}")
     else:
         parts.append(f"model {str(expect.model_fingerprint)[:12]}")
     if expect.preprocess_fingerprint:

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -319,6 +319,7 @@ class Expectation:
 
     model: ModelKey | None = None
     model_fingerprint: str | None = None  # checked alone when only the checkpoint is known
+    model_name: str | None = field(default=None, compare=False)  # the name given: messages only
     preprocess_fingerprint: str | None = None
     context_kind: str | None = None
     context_signature: str | None = None
