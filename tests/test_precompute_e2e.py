@@ -223,6 +223,9 @@ def test_the_settings_note_only_when_the_run_would_change_what_counts(tmp_path):
     changed = _invoke(str(tmp_path), "--annotations", str(ann), "--context", "none", "--dry-run")
     assert "note: these settings differ from the root's current ones (" in changed.stderr
     assert "context sequence -> none" in changed.stderr  # and attention full instead of causal
+    evicting = _invoke(str(tmp_path), "--annotations", str(ann), "--evict-start", "1", "--dry-run")
+    assert "context sequence -> sequence (K/V cache keeps the first 1 and last 0 frames)" in evicting.stderr
+    assert "K/V cache keeps the first 1 and last 0 frames" in evicting.stdout  # the plan's context row
 
 
 def test_plain_layout_context_none(tmp_path):

@@ -189,6 +189,13 @@ class ContextSettings:
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The kind, and for a streamed sequence with eviction, the frames its K/V cache keeps."""
+        if self.kind != "sequence" or (self.evict_start is None and self.evict_recent is None):
+            return self.kind
+        kept = f"first {self.evict_start or 0} and last {self.evict_recent or 0}"
+        return f"{self.kind} (K/V cache keeps the {kept} frames)"
+
 
 def context_signature(
     frames: Sequence[tuple[str, ImageKey]], settings: ContextSettings, attention: str

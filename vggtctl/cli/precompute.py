@@ -93,13 +93,15 @@ class RichReporter(Reporter):
 
 
 def _plan_table(outcome: Outcome) -> Table:
+    from vggtctl.keys import FeatureKey
+
     plan = outcome.plan
     table = Table(title="precompute plan", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("model", _model_label(outcome))
     table.add_row("layout", f"{plan.layout} ({plan.layout_reason})")
-    table.add_row("context", plan.context)
+    table.add_row("context", FeatureKey.from_meta(outcome.feature_key).context.describe())
     table.add_row("items", f"{plan.items:,}")
     if plan.conflicts:
         table.add_row("conflicting histories", f"{plan.conflicts:,} (one sidecar per image: first item kept)")
@@ -208,10 +210,16 @@ def register(app: typer.Typer) -> None:
         max_history: int | None = typer.Option(None, "--max-history", help="History frames per item (8)."),
         context: str | None = typer.Option(None, "--context", help="auto | none | sequence."),
         evict_start: int | None = typer.Option(
-            None, "--evict-start", help="Streaming eviction: first frames kept."
+            None,
+            "--evict-start",
+            help="Streaming eviction (causal sequences): the K/V cache keeps the first N frames "
+            "(0 when only --evict-recent is given).",
         ),
         evict_recent: int | None = typer.Option(
-            None, "--evict-recent", help="Streaming eviction: last frames kept."
+            None,
+            "--evict-recent",
+            help="Streaming eviction (causal sequences): the K/V cache keeps the last N frames "
+            "(0 when only --evict-start is given).",
         ),
         batch_size: int | None = typer.Option(
             None, "--batch-size", help="Items per forward (32 GPU, 4 CPU)."

@@ -263,7 +263,7 @@ def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int |
     if old.preprocess_fingerprint != key.preprocess_fingerprint:
         changes.append(f"preprocessing {old.preset} -> {key.preset}")
     if old.context != key.context:
-        changes.append(f"context {old.context.kind} -> {key.context.kind}")
+        changes.append(f"context {old.context.describe()} -> {key.context.describe()}")
     if settings.get("layout") not in (None, layout):
         changes.append(f"layout {settings.get('layout')} -> {layout}")
     # max_history shapes histories in the episodes layout only (annotations name their frames)
