@@ -228,6 +228,22 @@ def test_the_settings_note_only_when_the_run_would_change_what_counts(tmp_path):
     assert "K/V cache keeps the first 1 and last 0 frames" in evicting.stdout  # the plan's context row
 
 
+def test_status_of_an_annotations_root_promises_no_work_precompute_will_not_do(tmp_path):
+    """Only the images the annotation files name are items: per-image projections (still to
+    write, time to finish) would count the other images as work left."""
+    for n in range(4):
+        image(tmp_path / "frames" / f"{n}.jpg", n)
+    ann = tmp_path / "train.jsonl"
+    ann.write_text(json.dumps({"images": ["frames/0.jpg", "frames/1.jpg"]}) + "\n")
+    assert run(opts(tmp_path, annotations=[str(ann)])).encoded == 1
+    shown = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "only the images they name need sidecars" in shown.stdout
+    assert "Time to finish" not in shown.stdout and "still to write" not in shown.stdout
+    footer = json.loads(CliRunner().invoke(app, ["status", str(tmp_path), "--json"]).stdout)["footer"]
+    assert footer["layout"] == "annotations" and footer["eta_seconds"] is None
+
+
 def test_plain_layout_context_none(tmp_path):
     images = plain_tree(tmp_path)
     outcome = run(opts(tmp_path))

@@ -68,6 +68,10 @@ class Footer:
     rate: float | None  # items/s of the last precompute run in the manifest
     eta_seconds: float | None
     manifest_problem: str | None = None
+    # the current settings' layout: with "annotations" only the images the files name are items,
+    # so per-image projections (cache at full coverage, time to finish) would promise work that
+    # precompute will never do
+    layout: str | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -87,6 +91,7 @@ class Footer:
             "rate_items_per_s": self.rate,
             "eta_seconds": self.eta_seconds,
             "manifest_problem": self.manifest_problem,
+            "layout": self.layout,
         }
 
 
@@ -170,14 +175,15 @@ def _valid_share(row: StatusRow) -> float:
     return (row.valid or 0) / row.stats.images if row.stats.images else 1.0
 
 
-def _last_rate(root: str) -> tuple[float | None, str | None]:
-    """(items/s of the last precompute run, why the manifest was ignored)."""
+def _last_run(root: str) -> tuple[float | None, str | None, str | None]:
+    """(items/s of the last precompute run, why the manifest was ignored, the current layout)."""
     try:
         from vggtctl import manifest
     except ImportError:  # manifest support not installed in this build: no rate yet
-        return None, None
+        return None, None, None
     loaded = manifest.load(root)
-    return loaded.last_rate, getattr(loaded, "problem", None)
+    layout = (loaded.last_run_settings() or {}).get("layout")
+    return loaded.last_rate, getattr(loaded, "problem", None), layout if isinstance(layout, str) else None
 
 
 def _footer(root: str, total: DirStats, todo: int) -> Footer:
@@ -190,9 +196,11 @@ def _footer(root: str, total: DirStats, todo: int) -> Footer:
     mean = total.sidecar_bytes / sidecars if sidecars else None
     projected = round(mean * total.images) if mean is not None else None
     remaining = round(mean * total.missing) if mean is not None else None
-    rate, problem = _last_rate(root)
+    rate, problem, layout = _last_run(root)
     eta = todo / rate if rate else None
-    return Footer(free, fs_total, mean, projected, remaining, todo, rate, eta, problem)
+    if layout == "annotations":
+        projected = remaining = eta = None
+    return Footer(free, fs_total, mean, projected, remaining, todo, rate, eta, problem, layout)
 
 
 def _deep_summary(report: Any) -> DeepSummary:

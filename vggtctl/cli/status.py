@@ -314,7 +314,13 @@ def footer_lines(report: StatusReport) -> list[str]:
             f"Free space: {render.size(foot.free_bytes)} of {render.size(foot.fs_total_bytes or 0)} "
             "on this file system."
         )
-    if foot.projected_cache_bytes is None:
+    if foot.layout == "annotations":
+        lines.append(
+            "Coverage counts every image; this root's items come from annotation files (the last "
+            "precompute run), and only the images they name need sidecars: `vggtctl precompute "
+            "--dry-run` with the same --annotations says how many are left."
+        )
+    elif foot.projected_cache_bytes is None:
         lines.append("Cache at full coverage: unknown until the first sidecar is written.")
     else:
         fits = "" if foot.fits is None else ("; fits" if foot.fits else "; does NOT fit in the free space")
@@ -323,7 +329,9 @@ def footer_lines(report: StatusReport) -> list[str]:
             f"({render.size(foot.mean_sidecar_bytes or 0)} per sidecar x {total.images:,} images); "
             f"{render.size(foot.remaining_cache_bytes or 0)} still to write{fits}."
         )
-    if foot.todo_items == 0:
+    if foot.layout == "annotations":
+        pass  # said above: the images without sidecars are not the items left
+    elif foot.todo_items == 0:
         lines.append("Time to finish: nothing left to compute.")
     elif foot.eta_seconds is None:
         lines.append(
