@@ -377,6 +377,16 @@ def test_limit_then_resume_and_verify(tmp_path):
     assert (rest.encoded, rest.plan.already_valid) == (len(images) - 3, 3)
 
 
+def test_verify_read_back_shows_in_the_summary_and_compile_on_the_cpu_says_it_is_eager(tmp_path):
+    images = episodes_tree(tmp_path, episodes=1, steps=3)
+    result = _invoke(str(tmp_path), "--verify", "--compile")
+    assert result.exit_code == 0, result.output
+    assert f"{len(images)} sidecars, 0 corrupt" in result.stdout
+    assert "--compile applies on a GPU only" in result.stderr
+    doc = json.loads(_invoke(str(tmp_path), "--verify", "--force", "--json").stdout)
+    assert (doc["verified"], doc["verify_problems"]) == (len(images), 0)
+
+
 def test_ctrl_c_before_encoding_still_prints_one_json_document(tmp_path, monkeypatch):
     import vggtctl.precompute
 

@@ -69,6 +69,13 @@ def test_ctrl_c_with_json_still_prints_one_document(make_tree, cli_app, runner, 
     assert json.loads(result.stdout) == {"interrupted": True, "exit_code": 130}
 
 
+def test_the_all_valid_line_counts_in_words(make_tree, cli_app, runner) -> None:
+    one = make_tree({"a/x.jpg": "valid", "a/y.jpg": "none"})
+    assert "The one sidecar is valid." in runner.invoke(cli_app, ["verify", str(one.root)]).stdout
+    os.unlink(one.root / "a" / "x.jpg.vggt_cache.pt")
+    assert "No sidecars to check." in runner.invoke(cli_app, ["verify", str(one.root)]).stdout
+
+
 @pytest.mark.parametrize("kind", ["legacy", "temp", "orphan"])
 def test_legacy_temp_and_orphans_are_problems(make_tree, cli_app, runner, kind: str) -> None:
     tree = make_tree({"a.jpg": "valid", "b.jpg": kind})

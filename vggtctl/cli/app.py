@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from vggtctl import __version__
 from vggtctl.cli import demo, precompute, prune, status, train, verify
+from vggtctl.cli.helptext import first_sentence, reflow
 
 app = typer.Typer(
     name="vggtctl",
@@ -42,6 +45,11 @@ def root(
 
 for module in (precompute, status, verify, prune, train, demo):
     module.register(app)
+
+for info in app.registered_commands:
+    text = info.help or inspect.getdoc(info.callback) or ""
+    info.help = reflow(text)
+    info.short_help = info.short_help or first_sentence(text)
 
 
 def main() -> None:

@@ -38,7 +38,10 @@ def register(app: typer.Typer) -> None:
         with render.command_errors():
             paths = prepare_demo_root(directory, episodes, steps)
         if paths:
-            render.err.print(f"generated {len(paths)} frames in {episodes} episodes under {directory}")
+            render.err.print(
+                f"generated {render.count(len(paths), 'frame')} in {render.count(episodes, 'episode')} "
+                f"under {directory}"
+            )
         opts = PrecomputeOptions(
             root=directory,
             vggt_model="tiny-random",

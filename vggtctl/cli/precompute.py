@@ -152,6 +152,11 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
     if outcome.skipped_claimed:
         table.add_row("claimed by another process", f"{outcome.skipped_claimed:,}")
     table.add_row("written", render.size(outcome.bytes_written))
+    if outcome.verified:
+        table.add_row(
+            "read back (--verify)",
+            f"{render.count(outcome.verified, 'sidecar')}, {outcome.verify_problems:,} corrupt",
+        )
     table.add_row("time", render.duration(outcome.seconds))
     table.add_row("rate", f"{outcome.rate:.2f} items/s")
     if outcome.ranks > 1:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the library imports torch; keep `vggtctl --help` fast
 HELP = """Delete sidecars that can never be served, and temp files left by interrupted writes.
 
 Pick categories with flags; in a terminal without any, the categories found are offered.
-Shows the plan, then asks [y/N]; --yes skips the question, --dry-run only shows. Without a
+Shows the plan, then asks (y/n, default no); --yes skips the question, --dry-run only shows. Without a
 terminal it refuses unless --yes or --dry-run is given. Only files named *.vggt_cache.pt or our
 temp names, inside ROOT and not behind a symlink, are ever deleted; valid sidecars never are.
 

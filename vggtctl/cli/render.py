@@ -48,6 +48,11 @@ def print_json(document: Any) -> None:
     sys.stdout.flush()
 
 
+def count(n: int, noun: str) -> str:
+    """`1 folder`, `2 folders`: a number with its noun in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def size(nbytes: int | float) -> str:
     return humanize.naturalsize(nbytes, binary=True)
 

@@ -22,6 +22,9 @@ subfolder, e.g. each episode; files directly in ROOT form a "." row), with image
 coverage, missing, orphan sidecars, temp debris and sizes; then free space, the projected
 cache size at full coverage and the time to finish at the last measured precompute rate.
 
+Exit codes: 0 shown, 2 usage error, 3 some folders could not be read (their images are not
+counted), 130 interrupted.
+
 Counts come from file names and one stat per file; nothing is opened. --deep also reads each
 sidecar's header (never its tensor) and splits cached into valid / stale / mismatch / ...
 
@@ -45,7 +48,12 @@ class Sort(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("status", help=HELP)
+    @app.command(
+        "status",
+        help=HELP,
+        short_help="Cache coverage, missing and orphan sidecars and sizes per folder of ROOT, from "
+        "one walk of the tree; free space and time to finish.",
+    )
     def command(
         root: Path | None = typer.Argument(
             None,
@@ -346,7 +354,7 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(f"Note: {foot.manifest_problem}")
     if total.temps:
         lines.append(
-            f"Temp debris: {_count(total.temps, 'file')}, {render.size(total.temp_bytes)} "
+            f"Temp debris: {render.count(total.temps, 'file')}, {render.size(total.temp_bytes)} "
             "(left by interrupted writes; `vggtctl prune --temp` removes them)."
         )
     if total.orphans:
@@ -357,7 +365,7 @@ def footer_lines(report: StatusReport) -> list[str]:
             else ""
         )
         lines.append(
-            f"Orphans: {_count(total.orphans, 'sidecar')} whose image is gone "
+            f"Orphans: {render.count(total.orphans, 'sidecar')} whose image is gone "
             f"(`vggtctl prune --orphans` removes them{left})."
         )
     if report.deep is not None:
@@ -366,14 +374,10 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(f"Headers checked against: {report.deep.expectation}.")
         lines.append(f"Verdicts: {counts or 'no sidecars'}.")
     if report.symlinked_dirs:
-        lines.append(f"Not followed: {_count(len(report.symlinked_dirs), 'symlinked folder')}.")
+        lines.append(f"Not followed: {render.count(len(report.symlinked_dirs), 'symlinked folder')}.")
     if report.unreadable:
         lines.append(
-            f"Unreadable: {_count(len(report.unreadable), 'folder')} skipped (see the warnings above)."
+            f"Unreadable: {render.count(len(report.unreadable), 'folder')} skipped (see the warnings above)."
         )
-    lines.append(f"Scanned {total.folders:,} folders in {report.scan_seconds:.1f} s.")
+    lines.append(f"Scanned {render.count(total.folders, 'folder')} in {report.scan_seconds:.1f} s.")
     return lines
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -128,7 +128,9 @@ def run(
     render.out.print(audit_view.verdict_table(report))
     audit_view.print_scan_warnings(report)
     if report.ok:
-        render.out.print(f"[green]All {report.count(audit.Verdict.VALID):,} sidecars are valid.[/]")
+        valid = report.count(audit.Verdict.VALID)
+        said = {0: "No sidecars to check.", 1: "The one sidecar is valid."}
+        render.out.print(f"[green]{said.get(valid, f'All {valid:,} sidecars are valid.')}[/]")
     else:
         render.out.print(
             f"[red]{report.problem_count:,} problem(s)[/] in {report.files:,} files"

@@ -98,6 +98,7 @@ class Outcome:
     interrupted: bool = False
     disk_full: str = ""
     verify_problems: int = 0
+    verified: int = 0  # sidecars --verify read back in full (verify_problems of them corrupt)
     run_id: str = ""
     ranks: int = 1
     per_rank: list[int] = field(default_factory=list)  # encoded per rank (rank order)

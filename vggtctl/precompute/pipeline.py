@@ -166,6 +166,8 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             device,
         )
         outcome = Outcome(plan=plan, feature_key=key.to_meta(), ranks=info.world_size)
+        if opts.compile and device.type != "cuda" and info.is_main:
+            reporter.message("note: --compile applies on a GPU only; this run on the CPU is eager")
         if info.is_main:  # a dry run is where they matter most
             # a run that finds no items does not become current (see _record_manifest)
             changes = (
@@ -307,6 +309,7 @@ def _execute(
                 outcome.verify_problems = sum(
                     sidecar.classify(p, full=True).verdict is Verdict.CORRUPT for p in progress.written_paths
                 )
+                outcome.verified = len(progress.written_paths)
             if info.is_distributed:
                 _merge_ranks(outcome, info)
             if info.is_main:
@@ -368,6 +371,7 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
             outcome.not_written,
             outcome.disk_full,
             outcome.stage_seconds,
+            outcome.verified,
         ),
         info,
     )
@@ -379,6 +383,7 @@ def _merge_ranks(outcome: Outcome, info: DistInfo) -> None:
     outcome.not_written = sum(p[5] for p in parts)
     outcome.disk_full = next((p[6] for p in parts if p[6]), "")
     outcome.per_rank = [p[0] for p in parts]
+    outcome.verified = sum(p[8] for p in parts)
     stages = {name for p in parts for name in p[7]}
     outcome.stage_seconds = {
         name: round(sum(p[7].get(name, 0.0) for p in parts), 3) for name in sorted(stages)
