@@ -181,6 +181,12 @@ def test_plain_table_for_pipes(app, tree: Path) -> None:
     assert any("Temp debris: 1 file," in line for line in lines)
 
 
+def test_plain_deep_header_names_one_column_per_word(app, tree: Path) -> None:
+    result = CliRunner().invoke(app, ["status", str(tree), "--deep"], env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].split()[:4] == ["folder", "images", "cached", "coverage(valid)"]
+
+
 def test_installed_executable(tree: Path, vggtctl_exe) -> None:
     proc = vggtctl_exe("status", str(tree), "--json")
     assert proc.returncode == 0, proc.stderr

@@ -273,7 +273,7 @@ def status_table(report: StatusReport, *, plain: bool, hide: Sequence[str] = ())
     for column in columns:
         title = column
         if column == "coverage" and deep:
-            title = "valid coverage" if plain else "coverage\n(valid)"
+            title = "coverage(valid)" if plain else "coverage\n(valid)"
         elif not plain:  # a terminal is narrow: "model-mismatch", "cache size" over two lines
             title = column.replace("-", "\n", 1).replace(" ", "\n", 1)
         if column == "folder":
