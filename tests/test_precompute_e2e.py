@@ -387,15 +387,18 @@ def test_verify_read_back_shows_in_the_summary_and_compile_on_the_cpu_says_it_is
     assert (doc["verified"], doc["verify_problems"]) == (len(images), 0)
 
 
-def test_ctrl_c_before_encoding_still_prints_one_json_document(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["run", "options_from"])
+def test_ctrl_c_before_encoding_still_prints_one_json_document(tmp_path, monkeypatch, where):
     import vggtctl.precompute
+    import vggtctl.precompute.configure
 
     episodes_tree(tmp_path, episodes=1, steps=2)
 
     def interrupted(*_args, **_kwargs):
-        raise KeyboardInterrupt  # e.g. while the model loads
+        raise KeyboardInterrupt  # e.g. while the model loads, or while the settings are read
 
-    monkeypatch.setattr(vggtctl.precompute, "run", interrupted)
+    module = vggtctl.precompute if where == "run" else vggtctl.precompute.configure
+    monkeypatch.setattr(module, where, interrupted)
     result = _invoke(str(tmp_path), "--json")
     assert result.exit_code == 130
     assert json.loads(result.stdout) == {"interrupted": True, "encoded": 0, "before_encoding": True}

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.progress import (
@@ -273,9 +273,6 @@ def register(app: typer.Typer) -> None:
 
           torchrun --nnodes 2 --nproc-per-node 8 ... -m vggtctl precompute /data/train --vggt-model M
         """
-        from vggtctl.precompute import PrecomputeInterrupted, run
-        from vggtctl.precompute.configure import gpu_count, options_from, resolve_root
-
         info = dist_info()
         flags = {
             "vggt_model": vggt_model,
@@ -306,42 +303,58 @@ def register(app: typer.Typer) -> None:
             "chunk_items": chunk_items,
         }
         try:
-            root = resolve_root(root)
-            config = find_config(root)
-            if info.is_main:
-                warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
-            gpus_value = gpu_count(flags, config)
-        except VggtctlError as err:
-            _exit(_error(err), info)
-        if gpus_value and gpus_value > 1 and not os.environ.get(RELAUNCHED_ENV) and "RANK" not in os.environ:
-            with _sigterm_as_interrupt():
-                raise typer.Exit(relaunch(gpus_value, _strip_gpus(sys.argv[1:])))
-        announce_rank()  # under --gpus: Ctrl-C is passed to the ranks, not to torch's launcher
-        try:
-            opts = options_from(root, flags, config)
-        except VggtctlError as err:
-            _exit(_error(err), info)
-        show = info.is_main and not as_json and sys.stderr.isatty()
-        try:
-            with _sigterm_as_interrupt():
-                outcome = run(opts, RichReporter(enabled=show))
-        except VggtctlError as err:
-            _exit(_error(err), info)
-        except PrecomputeInterrupted as stop:
-            render.results_are_final()
-            if info.is_main:
-                _show(stop.outcome, root, as_json, dry_run=False)
-                render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
-            _exit(EXIT_INTERRUPTED, info)
-        except KeyboardInterrupt:
-            if as_json and info.is_main:  # scripts parse stdout: still one document
-                render.print_json({"interrupted": True, "encoded": 0, "before_encoding": True})
-            render.err.print("interrupted before encoding started; nothing was written", markup=False)
-            _exit(EXIT_INTERRUPTED, info)
-        render.results_are_final()  # the run is recorded: a late Ctrl-C must not make it 130
+            _precompute(root, flags, as_json, dry_run, info)
+        except KeyboardInterrupt:  # before run() began: importing torch, reading settings
+            _interrupted_before_encoding(as_json, info)
+
+
+def _precompute(
+    root: Path | None, flags: dict[str, Any], as_json: bool, dry_run: bool, info: DistInfo
+) -> None:
+    from vggtctl.precompute import PrecomputeInterrupted, run
+    from vggtctl.precompute.configure import gpu_count, options_from, resolve_root
+
+    try:
+        root = resolve_root(root)
+        config = find_config(root)
         if info.is_main:
-            _show(outcome, root, as_json, dry_run)
-        _exit(exit_code(outcome), info)
+            warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
+        gpus_value = gpu_count(flags, config)
+    except VggtctlError as err:
+        _exit(_error(err), info)
+    if gpus_value and gpus_value > 1 and not os.environ.get(RELAUNCHED_ENV) and "RANK" not in os.environ:
+        with _sigterm_as_interrupt():
+            raise typer.Exit(relaunch(gpus_value, _strip_gpus(sys.argv[1:])))
+    announce_rank()  # under --gpus: Ctrl-C is passed to the ranks, not to torch's launcher
+    try:
+        opts = options_from(root, flags, config)
+    except VggtctlError as err:
+        _exit(_error(err), info)
+    show = info.is_main and not as_json and sys.stderr.isatty()
+    try:
+        with _sigterm_as_interrupt():
+            outcome = run(opts, RichReporter(enabled=show))
+    except VggtctlError as err:
+        _exit(_error(err), info)
+    except PrecomputeInterrupted as stop:
+        render.results_are_final()
+        if info.is_main:
+            _show(stop.outcome, root, as_json, dry_run=False)
+            render.err.print("interrupted: in-flight writes finished; rerun to resume", markup=False)
+        _exit(EXIT_INTERRUPTED, info)
+    except KeyboardInterrupt:
+        _interrupted_before_encoding(as_json, info)
+    render.results_are_final()  # the run is recorded: a late Ctrl-C must not make it 130
+    if info.is_main:
+        _show(outcome, root, as_json, dry_run)
+    _exit(exit_code(outcome), info)
+
+
+def _interrupted_before_encoding(as_json: bool, info: DistInfo) -> NoReturn:
+    if as_json and info.is_main:  # scripts parse stdout: still one document
+        render.print_json({"interrupted": True, "encoded": 0, "before_encoding": True})
+    render.err.print("interrupted before encoding started; nothing was written", markup=False)
+    _exit(EXIT_INTERRUPTED, info)
 
 
 def exit_code(outcome: Outcome) -> int:
