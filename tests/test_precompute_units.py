@@ -197,6 +197,21 @@ def test_heartbeat_refreshes_held_claims(tmp_path):
     assert path.stat().st_mtime > past + 1800
 
 
+def test_claims_are_kept_alive_by_a_thread_until_released(tmp_path):
+    book = claims.ClaimBook(tmp_path)
+    assert book.try_claim("c")
+    path = claims.claims_dir(tmp_path) / "c.claim"
+    past = time.time() - 3600
+    os.utime(path, (past, past))
+    book.keep_alive(interval_s=0.01)
+    deadline = time.monotonic() + 10
+    while path.stat().st_mtime < past + 1800 and time.monotonic() < deadline:
+        time.sleep(0.01)  # no main loop calls heartbeat(): the thread does
+    assert path.stat().st_mtime > past + 1800
+    book.release_all()
+    assert not path.exists() and not book._beating.is_alive()
+
+
 def test_chunk_ids_depend_on_key_position_and_size():
     base = claims.chunk_id("key", "/a.jpg", 0, 64)
     assert base == claims.chunk_id("key", "/a.jpg", 0, 64)

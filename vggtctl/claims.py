@@ -113,6 +113,8 @@ class ClaimBook:
         self.held: set[str] = set()
         self.taken_over = 0
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._beating: threading.Thread | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
         _OPEN_BOOKS.add(self.owner["book"])
 
@@ -223,6 +225,20 @@ class ClaimBook:
             with contextlib.suppress(OSError):
                 os.utime(self._path(chunk))
 
+    def keep_alive(self, interval_s: float = HEARTBEAT_S) -> None:
+        """Refresh the held claims every `interval_s` on a thread of their own until
+        `release_all`: the loop's own pauses (compiling a new shape, a slow final flush, a hung
+        decode) must not let another host take live claims over."""
+        if self._beating is not None:
+            return
+
+        def beat() -> None:
+            while not self._closed.wait(interval_s):
+                self.heartbeat()
+
+        self._beating = threading.Thread(target=beat, name="vggtctl-claims", daemon=True)
+        self._beating.start()
+
     def release(self, chunk: str) -> None:
         with self._lock:
             if chunk not in self.held:
@@ -236,6 +252,9 @@ class ClaimBook:
         """Release every held claim; the book is closed afterwards (its leftovers are dead)."""
         with self._lock:
             held = list(self.held)
+        self._closed.set()
+        if self._beating is not None:
+            self._beating.join()
         for chunk in held:
             self.release(chunk)
         _OPEN_BOOKS.discard(self.owner["book"])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vggtctl import sidecar
 from vggtctl.catalog import Catalog, Item, load_catalog
-from vggtctl.claims import HEARTBEAT_S, ClaimBook, claims_dir, file_system_now_ns
+from vggtctl.claims import ClaimBook, claims_dir, file_system_now_ns
 from vggtctl.data import FeatureStore
 from vggtctl.distributed import (
     DistInfo,
@@ -498,7 +498,7 @@ def _encode_all(
         if info.local_rank == 0:  # progress stands still meanwhile: say why, once a node
             progress.reporter.message("compiling the model on the first batch (about a minute)")
     buckets: dict[tuple[int, ...], list[Prepared]] = defaultdict(list)
-    heartbeat = time.monotonic()
+    claims.keep_alive()
     batches = iter(loader)  # the decode workers start here
     if not pipeline.sequence:  # fixed batch shapes: the pinned blocks they need are known
         rows = pipeline.pad_to or batch_size
@@ -529,9 +529,6 @@ def _encode_all(
             if writer.disk_full.is_set():
                 stop.set()
                 break
-            if time.monotonic() - heartbeat > HEARTBEAT_S:
-                claims.heartbeat()
-                heartbeat = time.monotonic()
         if not stop.is_set() and not writer.disk_full.is_set():
             for bucket in buckets.values():
                 for start in range(0, len(bucket), batch_size):
