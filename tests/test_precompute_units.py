@@ -212,6 +212,26 @@ def test_claims_are_kept_alive_by_a_thread_until_released(tmp_path):
     assert not path.exists() and not book._beating.is_alive()
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_live_claim_moved_aside_goes_back_unless_the_chunk_was_claimed_meanwhile(
+    tmp_path, monkeypatch, hard_links
+):
+    if not hard_links:  # some network and FUSE file systems refuse hard links
+
+        def refuse(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
+    path, aside = tmp_path / "c.claim", tmp_path / "c.claim.stale-1"
+    aside.write_text('{"host": "live"}')
+    claims._put_back(aside, path, '{"host": "live"}')
+    assert path.read_text() == '{"host": "live"}' and not aside.exists()
+    aside.write_text('{"host": "live"}')
+    path.write_text('{"host": "newer"}')  # another process claimed the chunk in between
+    claims._put_back(aside, path, '{"host": "live"}')
+    assert path.read_text() == '{"host": "newer"}' and not aside.exists()
+
+
 def test_chunk_ids_depend_on_key_position_and_size():
     base = claims.chunk_id("key", "/a.jpg", 0, 64)
     assert base == claims.chunk_id("key", "/a.jpg", 0, 64)

@@ -94,6 +94,24 @@ def file_system_now_ns(root: str | os.PathLike[str]) -> int | None:
             probe.unlink()
 
 
+def _put_back(aside: Path, path: Path, text: str | None) -> None:
+    """Return a live claim moved aside by mistake to its name, unless someone claimed the chunk
+    meanwhile (a hard link fails then). File systems without hard links get an exclusive create
+    with the same content instead."""
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    except OSError:
+        if text is not None:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+    with contextlib.suppress(OSError):
+        aside.unlink()
+
+
 class ClaimBook:
     """Claims held by this process; `release_all` on every exit path. Thread-safe: writer
     threads release chunks as their last item lands."""
@@ -193,11 +211,7 @@ class ClaimBook:
         except OSError:
             moved = None
         if moved != text:
-            # a live claim: put it back (link fails if someone claimed the chunk meanwhile)
-            with contextlib.suppress(OSError):
-                os.link(aside, path)
-            with contextlib.suppress(OSError):
-                aside.unlink()
+            _put_back(aside, path, moved)
             return False
         with contextlib.suppress(OSError):
             aside.unlink()
