@@ -108,3 +108,43 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     assert sorted((r["worker"], r["i"]) for r in m.runs) == [(w, i) for w in range(4) for i in range(15)]
     assert (tmp_path / ".vggtctl" / "manifest.lock").exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_a_write_by_another_host_in_between_is_read_again_not_undone(tmp_path: Path, monkeypatch) -> None:
+    """Where the lock does not hold across hosts (NFS mounted nolock), a prune that read the old
+    key must not write it back over a run that just made a new model current."""
+    import contextlib
+    import dataclasses
+
+    from vggtctl.keys import ModelKey
+
+    monkeypatch.setattr(manifest, "_locked", lambda root: contextlib.nullcontext())
+    manifest.record_run(tmp_path, {"settings": {}, "items": 1, "seconds": 1.0}, tb.FEATURE_KEY)
+    newer = dataclasses.replace(
+        tb.FEATURE_KEY, model=ModelKey("e" * 64, "new-model", -2, "causal", "bfloat16")
+    )
+    calls = []
+
+    def prune_entry(m: manifest.Manifest) -> None:
+        calls.append(m.current_key)
+        if len(calls) == 1:  # another host records its run between our read and our write
+            manifest.record_run(tmp_path, {"settings": {}, "items": 5, "seconds": 1.0}, newer)
+        m.prunes = [*m.prunes, {"files": 3}]
+
+    assert manifest._update(tmp_path, prune_entry) is not None
+    assert calls == [tb.FEATURE_KEY, newer]  # applied again to what the other host wrote
+    final = manifest.load(tmp_path)
+    assert final.current_key == newer and len(final.runs) == 2 and final.prunes == [{"files": 3}]
+
+
+def test_an_unreadable_or_newer_manifest_is_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "vggt_cache_manifest.json"
+    path.mkdir()  # reading it fails with an I/O error, not a parse error: it may be fine
+    assert manifest.record_prune(tmp_path, {"files": 1}) is None
+    assert path.is_dir() and not list(tmp_path.glob("*.corrupt-*"))
+    path.rmdir()
+    later = b'{"format": "vggtctl.manifest", "version": 2, "current": {"new": "fields"}}'
+    path.write_bytes(later)
+    assert manifest.record_prune(tmp_path, {"files": 1}) is None
+    assert path.read_bytes() == later and not list(tmp_path.glob("*.corrupt-*"))
+    assert "newer vggtctl" in (manifest.load(tmp_path).problem or "")

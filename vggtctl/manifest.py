@@ -143,24 +143,50 @@ def _parse(root: str, data: Any) -> Manifest:
     )
 
 
-def _read(root: str) -> tuple[Manifest, bool]:
-    """(manifest, file_is_corrupt). A missing file is an empty manifest, not a problem."""
+class _Newer(ValueError):
+    """A manifest of a later format version: not ours to rewrite."""
+
+
+def _read(root: str) -> tuple[Manifest, str, tuple[int, int, int] | None]:
+    """(manifest, state, identity). state: "ok", "corrupt" (read whole, not what we write),
+    "unreadable" (an I/O error: it may be fine) or "newer" (a later vggtctl's format); a missing
+    file is an empty manifest, "ok". identity: (inode, mtime_ns, size) of the file read."""
     path = manifest_path(root)
     try:
         with open(path, encoding="utf-8") as fh:
+            st = os.fstat(fh.fileno())
             data = json.load(fh)
-        return _parse(root, data), False
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        version = data.get("version") if isinstance(data, dict) and data.get("format") == FORMAT else None
+        if isinstance(version, int) and version > VERSION:
+            raise _Newer(f"written by a newer vggtctl (manifest version {version})")
+        return _parse(root, data), "ok", identity
     except FileNotFoundError:
-        return Manifest(root=root), False
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        return Manifest(root=root, problem=f"{path}: ignored, cannot read it ({reason})"), True
+        return Manifest(root=root), "ok", None
+    except _Newer as err:
+        return Manifest(root=root, problem=f"{path}: ignored, {err}"), "newer", None
+    except OSError as err:
+        reason = err.strerror or str(err)
+        return Manifest(root=root, problem=f"{path}: ignored, cannot read it ({reason})"), "unreadable", None
+    except (ValueError, UnicodeDecodeError) as err:
+        return Manifest(root=root, problem=f"{path}: ignored, cannot read it ({err})"), "corrupt", None
+
+
+def _identity(root: str) -> tuple[int, int, int] | None:
+    """The manifest file's (inode, mtime_ns, size) now, None when there is none. Opened, not
+    just stat'ed: on NFS an open revalidates cached attributes (close-to-open consistency)."""
+    try:
+        with open(manifest_path(root), "rb") as fh:
+            st = os.fstat(fh.fileno())
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def load(root: str | os.PathLike[str]) -> Manifest:
     """The manifest under `root`; missing -> empty, corrupt -> empty with `problem` set (and logged)."""
-    manifest, corrupt = _read(os.fspath(root))
-    if corrupt and manifest.problem not in _WARNED:  # once per process: commands read it twice
+    manifest, state, _ = _read(os.fspath(root))
+    if state != "ok" and manifest.problem not in _WARNED:  # once per process: commands read it twice
         _WARNED.add(manifest.problem)
         log.warning("%s", manifest.problem)
     return manifest
@@ -183,7 +209,10 @@ def _locked(root: str) -> Iterator[None]:
         if fcntl is not None:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
     except OSError as err:
-        log.debug("manifest lock unavailable under %s: %s", root, err)
+        # _update's identity check still catches most concurrent writes; say that it is needed
+        log.warning(
+            "manifest lock unavailable under %s (%s): relying on a re-check before writing", root, err
+        )
     try:
         yield
     finally:
@@ -191,7 +220,9 @@ def _locked(root: str) -> Iterator[None]:
             fh.close()  # closing releases the flock
 
 
-def _write(manifest: Manifest) -> None:
+def _write(manifest: Manifest, expect: tuple[int, int, int] | None) -> bool:
+    """Write atomically, unless the file on disk is no longer `expect` (what was read; None:
+    no file): then nothing is written and False says to read again."""
     path = manifest.path
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -200,11 +231,15 @@ def _write(manifest: Manifest) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if _identity(manifest.root) != expect:
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return True
 
 
 def _stamp(entry: dict[str, Any]) -> dict[str, Any]:
@@ -214,23 +249,45 @@ def _stamp(entry: dict[str, Any]) -> dict[str, Any]:
     return stamped
 
 
+_UPDATE_TRIES = 5
+
+
 def _update(root: str | os.PathLike[str], change: Any) -> Manifest | None:
     """Re-read under the lock, apply `change(manifest)`, write atomically. Never raises OSError:
-    the manifest is advisory, so a read-only root costs a warning, not the command."""
+    the manifest is advisory, so a read-only root costs a warning, not the command.
+
+    The lock may not hold across hosts (NFS mounted `nolock`, or no flock at all): just before
+    the new file replaces the old one, the old one must still be the file that was read; when
+    another process wrote it meanwhile, its content is read again and the change re-applied.
+    Without this a prune recording its entry could put back the key it read, undoing a run
+    that had made a new model current (and the next `prune --model-changed` would delete it).
+    """
     root = os.fspath(root)
     try:
         with _locked(root):
-            manifest, corrupt = _read(root)
-            if corrupt:
-                aside = f"{manifest.path}.corrupt-{int(time.time())}"
-                with contextlib.suppress(OSError):
-                    os.replace(manifest.path, aside)
-                log.warning("%s; moved aside to %s", manifest.problem, os.path.basename(aside))
-            change(manifest)
-            manifest.updated = time.time()
-            manifest.problem = None
-            _write(manifest)
-            return manifest
+            for _ in range(_UPDATE_TRIES):
+                manifest, state, read_as = _read(root)
+                if state in ("unreadable", "newer"):
+                    # an I/O error may pass, and a later version is not ours: never replace either
+                    log.warning("%s; not updated", manifest.problem)
+                    return None
+                if state == "corrupt":
+                    aside = f"{manifest.path}.corrupt-{int(time.time())}"
+                    with contextlib.suppress(OSError):
+                        os.replace(manifest.path, aside)
+                    log.warning("%s; moved aside to %s", manifest.problem, os.path.basename(aside))
+                    read_as = None
+                change(manifest)
+                manifest.updated = time.time()
+                manifest.problem = None
+                if _write(manifest, expect=read_as):
+                    return manifest
+            log.warning(
+                "%s: changed by other processes %d times while updating; not updated",
+                manifest_path(root),
+                _UPDATE_TRIES,
+            )
+            return None
     except OSError as err:
         log.warning("%s: cannot update the manifest: %s", manifest_path(root), err.strerror or err)
         return None
