@@ -30,7 +30,7 @@ FILES: dict[str, int] = {
     "ep1/1.jpg" + SIDECAR: 100,
     "ep1/2.JPG" + SIDECAR: 100,
     "ep1/gone.jpg" + SIDECAR: 100,  # orphan: its image is not there
-    "ep1/3.png" + SIDECAR + ".tmp-123-abcd": 7,  # temp debris
+    "ep1/3.png" + SIDECAR + ".tmp-123-abcd0123": 7,  # temp debris
     "ep1/notes.txt": 5,  # not an image: never counted, never stat'ed
     "ep1/labels.json": 6,
     # ep1/sub: two images, one cached (depth 2 gives it its own row)

@@ -80,7 +80,7 @@ def test_episode_extensions_case_insensitive_and_others_ignored(tmp_path: Path) 
     touch(ep / "step_x_STOP.jpg")  # no integer idx
     touch(ep / "notes.txt")
     touch(ep / "step_0_STOP.JPG.vggt_cache.pt")  # our sidecar: neither a step nor "ignored"
-    touch(ep / "step_1_STOP.Png.vggt_cache.pt.tmp-12-ab")  # our temp file
+    touch(ep / "step_1_STOP.Png.vggt_cache.pt.tmp-12-ab01cd23")  # our temp file
     cat = load_catalog(tmp_path, layout="episodes", max_history=1)
     assert [os.path.basename(i.image) for i in cat.items] == [
         "step_0_STOP.JPG",

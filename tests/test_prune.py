@@ -68,7 +68,7 @@ def test_model_changed_covers_every_settings_mismatch(make_tree) -> None:
 
 def test_recent_temp_files_are_kept_unless_older_than_given(make_tree) -> None:
     tree = make_tree({"a.jpg": "temp", "b.jpg": "valid"})
-    fresh = tb.temp_name(tree.root / "b.jpg", pid=7, token="ab")
+    fresh = tb.temp_name(tree.root / "b.jpg", pid=7, token="ab01cd23")
     fresh.write_bytes(b"being written")
     report = audit.audit(tree.root, None)
     plan = prune.plan_prune(report, ["temp"])

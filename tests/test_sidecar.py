@@ -176,10 +176,10 @@ def test_image_hash_keeps_touched_image_valid(tmp_path: Path) -> None:
         ("x.vggt_cache.pt2", False, False),
         ("vggt_cache.pt", False, False),
         (".vggt_cache.pt", False, False),
-        ("x.jpg.vggt_cache.pt.tmp-123-0a1b", False, True),
-        ("x.jpg.vggt_cache.pt.tmp-abc-0a1b", False, False),
+        ("x.jpg.vggt_cache.pt.tmp-123-0a1b2c3d", False, True),
+        ("x.jpg.vggt_cache.pt.tmp-abc-0a1b2c3d", False, False),
         ("x.jpg.vggt_cache.pt.tmp-123-XYZ", False, False),
-        (".vggt_cache.pt.tmp-1-ab", False, False),
+        (".vggt_cache.pt.tmp-1-0a1b2c3d", False, False),
     ],
 )
 def test_name_rules(name: str, is_sidecar: bool, is_temp: bool) -> None:

@@ -126,7 +126,7 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def temp_name(image: Path, pid: int = 4242, token: str = "beef01") -> Path:
+def temp_name(image: Path, pid: int = 4242, token: str = "beef0123") -> Path:
     return Path(f"{sidecar.sidecar_path(image)}.tmp-{pid}-{token}")
 
 

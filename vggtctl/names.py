@@ -7,10 +7,13 @@ A listing of 10^6 files must not pay torch's import time just to tell `img.jpg` 
 from __future__ import annotations
 
 import os
+import re
 
 SUFFIX = ".vggt_cache.pt"
 TEMP_MARK = SUFFIX + ".tmp-"
-_HEX = frozenset("0123456789abcdef")
+# Exactly what `sidecar.temp_path_for` writes: an ASCII decimal pid and 4 random bytes as 8
+# lowercase hex digits. Temp files are deleted without being opened, so nothing looser matches.
+_TEMP_TAIL = re.compile(r"[0-9]+-[0-9a-f]{8}", re.ASCII)
 
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> str:
@@ -31,9 +34,6 @@ def is_sidecar_name(name: str) -> bool:
 
 
 def is_temp_name(name: str) -> bool:
-    """Our temp files: `<image><SUFFIX>.tmp-<pid>-<hex>`."""
+    """Our temp files: `<image><SUFFIX>.tmp-<ASCII decimal pid>-<8 lowercase hex>`."""
     cut = name.find(TEMP_MARK)
-    if cut <= 0:
-        return False
-    pid, _, token = name[cut + len(TEMP_MARK) :].partition("-")
-    return pid.isdigit() and bool(token) and all(c in _HEX for c in token)
+    return cut > 0 and _TEMP_TAIL.fullmatch(name, cut + len(TEMP_MARK)) is not None
