@@ -278,7 +278,7 @@ def _parse_choice(answer: str, names: list[str]) -> list[str]:
         token = token.strip().removeprefix("--")
         if not token:
             continue
-        if token.isdigit() and 1 <= int(token) <= len(names):
+        if token.isascii() and token.isdigit() and 1 <= int(token) <= len(names):  # not '²' or '١'
             picked.append(names[int(token) - 1])
         elif token in names:
             picked.append(token)
