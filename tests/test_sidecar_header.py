@@ -306,7 +306,7 @@ def test_codec_files_never_reach_torch_load(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
 @pytest.mark.parametrize(
     "variant",
-    ["parameter", "tensor in meta", "deflated", "no version record", "bad byteorder", "protocol 4"],
+    ["parameter", "tensor in meta", "no version record", "bad byteorder", "protocol 4"],
 )
 def test_what_the_fast_reader_does_not_model_classifies_as_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
@@ -328,17 +328,79 @@ def test_what_the_fast_reader_does_not_model_classifies_as_before(
         "no version record": lambda n, d: None if n.endswith("/version") else d,
         "bad byteorder": lambda n, d: b"middle" if n.endswith("/byteorder") else d,
     }
-    if variant in edits or variant == "deflated":
+    if variant in edits:
         source = path.rename(tmp_path / "orig.pt")
-        compression = zipfile.ZIP_DEFLATED if variant == "deflated" else zipfile.ZIP_STORED
-        rezip(source, path, edits.get(variant, lambda _n, d: d), compression)
-    assert sidecar._fast_header(str(path)) is None  # handed to the reference
+        rezip(source, path, edits[variant], zipfile.ZIP_STORED)
+    assert not isinstance(sidecar._fast_header(str(path)), sidecar.Header)  # handed to the reference
     reference = outcome(torch_header, path)
     calls = spy_torch_loads(monkeypatch)
     assert repr(outcome(sidecar.read_header, path)) == repr(reference)  # repr: a tensor in meta
     assert calls == [str(path)]
     got = sidecar.classify(path, tb.expectation())
     assert got.verdict is (Verdict.VALID if reference[0] == "ok" else Verdict.CORRUPT), got.reason
+
+
+def test_a_compressed_archive_is_corrupt_without_reaching_torch_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save stores records as they are; inflating a deflated one could take any memory
+    (a small file can declare gigabytes), so no reader inflates it."""
+    path = write(tmp_path, tb.features())
+    source = path.rename(tmp_path / "orig.pt")
+    rezip(source, path, lambda _n, d: d, zipfile.ZIP_DEFLATED)
+    calls = spy_torch_loads(monkeypatch)
+    got = sidecar.classify(path, tb.expectation(), full=True)
+    assert got.verdict is Verdict.CORRUPT and "compressed: not written by torch.save" in got.reason
+    assert calls == []
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_v1_sidecar_not_written_by_torch_save_is_corrupt(tmp_path: Path) -> None:
+    """torch.save writes pickle protocol 2. torch.load reads protocol 3 too, but reads past a
+    storage record that is too short; a v1 sidecar is only ever written by sidecar.write."""
+    image = tb.write_image(tmp_path / "a.jpg")
+    path = Path(sidecar.sidecar_path(image))
+    payload = {"features": tb.features(), "format": "vggtctl.sidecar", "version": 1, "meta": base_meta(image)}
+    torch.save(payload, path, pickle_protocol=3)
+    for full in (False, True):
+        got = sidecar.classify(path, tb.expectation(), full=full)
+        assert got.verdict is Verdict.CORRUPT and "not laid out as torch.save writes" in got.reason
+
+
+def test_a_fifo_named_like_a_sidecar_is_corrupt_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer; verify/prune/status must not hang."""
+    import threading
+
+    image = tb.write_image(tmp_path / "a.jpg")
+    path = sidecar.sidecar_path(image)
+    os.mkfifo(path)
+    got: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: got.append(sidecar.classify(path, tb.expectation())), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert got, "classify hung on a FIFO"
+    assert got[0].verdict is Verdict.CORRUPT and "special file" in got[0].reason
+
+
+def test_a_record_declaring_more_than_torch_save_writes_is_corrupt(tmp_path: Path) -> None:
+    """A small (or sparse) file can declare huge records; neither reader may load them."""
+    path = write(tmp_path, tb.features())
+    source = path.rename(tmp_path / "orig.pt")
+    rezip(source, path, lambda n, d: b" " * 100_000 + d if n.endswith("/version") else d)
+    got = sidecar.classify(path, tb.expectation(), full=True)
+    assert got.verdict is Verdict.CORRUPT and "declares 100,002 bytes" in got.reason, got.reason
+
+
+def test_a_meta_field_of_the_wrong_type_is_that_file_corrupt_not_a_crash(tmp_path: Path) -> None:
+    image = tb.write_image(tmp_path / "a.jpg")
+    meta = base_meta(image)
+    meta["context"] = {"kind": "sequence", "frames": 5, "signature": "x"}
+    path = Path(sidecar.sidecar_path(image))
+    sidecar.write(path, tb.features(), meta)
+    got = sidecar.classify(path, tb.expectation())
+    assert got.verdict is Verdict.CORRUPT and "meta holds a value of the wrong type" in got.reason
 
 
 # --------------------------------------------------------------------------- safety

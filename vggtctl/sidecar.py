@@ -239,11 +239,17 @@ def _torch_would_allow(module: str, name: str) -> bool:
         return True
 
 
-def _fast_header(path: str) -> Header | None:
+# torch.save writes pickle protocol 2; torch.load reads other protocols but, unlike torchzip,
+# never checks a storage record's length (a short one is read past, into the zip directory).
+_NOT_FROM_TORCH_SAVE = "pickle protocol is not 2"
+
+
+def _fast_header(path: str) -> Header | _NotSaved | None:
     """The header through `torchzip` (no torch, no tensor bytes); None where torch must decide.
 
     Raises for a global that neither reader allows, a storage record that is missing or too
-    short, and a schema violation: what `torch.load` would refuse, too.
+    short, a record no torch.save writes (compressed, or declaring gigabytes), and a schema
+    violation: what `torch.load` would refuse, or should.
     """
     try:
         obj, tensors = torchzip.load_structure(path)
@@ -251,11 +257,27 @@ def _fast_header(path: str) -> Header | None:
         if _torch_would_allow(err.module, err.name):
             return None
         raise
-    except torchzip.NotUnderstood:
+    except torchzip.NotUnderstood as err:
+        if str(err) == _NOT_FROM_TORCH_SAVE:
+            return _NotSaved(str(err))
         return None
     if tensors and not (len(tensors) == 1 and isinstance(obj, dict) and obj.get("features") is tensors[0]):
         return None  # a tensor elsewhere would sit in Header.meta as a stub: torch builds it
     return _check(obj, _stub_facts)
+
+
+class _NotSaved(str):
+    """Why the file was not written by torch.save: torch.load may read it, its version says."""
+
+
+def _by_torch(path: str, fast: Header | _NotSaved | None) -> tuple[Header, torch.Tensor]:
+    """The reference's reading, for files torchzip handed over. A v1 sidecar is always written
+    by `write` (torch.save): one that was not can be read past a short storage record by torch,
+    so it is corrupt; legacy files (another writer) are left to torch."""
+    header, features = _parse(_load(path))
+    if isinstance(fast, _NotSaved) and header.version == VERSION:
+        raise SidecarFormatError(f"not laid out as torch.save writes sidecars ({fast})")
+    return header, features
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -266,7 +288,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = os.fspath(path)
     header = _fast_header(path)
-    return header if header is not None else _parse(_load(path))[0]
+    return header if isinstance(header, Header) else _by_torch(path, header)[0]
 
 
 def read(path: str | os.PathLike[str], *, check_finite: bool = True, check_crc: bool = False) -> Sidecar:
@@ -277,11 +299,11 @@ def read(path: str | os.PathLike[str], *, check_finite: bool = True, check_crc: 
     every record with its zip CRC-32 (`verify`): torch.load would serve a flipped bit.
     """
     path = os.fspath(path)
-    _fast_header(path)
+    fast = _fast_header(path)
     if check_crc:
         with contextlib.suppress(torchzip.NotUnderstood):  # an archive torchzip does not model
             torchzip.check_checksums(path)
-    header, features = _parse(_load(path))
+    header, features = _by_torch(path, None if isinstance(fast, Header) else fast)
     if check_finite and features.numel() and not bool(torch.isfinite(features).all()):
         raise SidecarFormatError("features contain NaN or Inf")
     return Sidecar(header, features)
@@ -387,11 +409,29 @@ def classify(
         image_path_of(path)  # raises: the name says which image it belongs to, and this one does not
     if header.version == 0:
         return Classification(path, Verdict.LEGACY, "legacy file without provenance", header)
+    try:
+        return _judge(path, header, image, st, expect or Expectation(), lookup)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        # the schema holds, but a field has the wrong type (frames = 5, say): this file, not the run
+        reason = f"meta holds a value of the wrong type ({type(err).__name__}: {_first_line(err)})"
+        return Classification(path, Verdict.CORRUPT, reason, header)
+    except OSError as err:  # the image (or a history frame) cannot be read for its hash
+        return Classification(path, Verdict.STALE, f"cannot check the image: {err.strerror or err}", header)
+
+
+def _judge(
+    path: str,
+    header: Header,
+    image: str,
+    st: os.stat_result,
+    expect: Expectation,
+    lookup: StatLookup,
+) -> Classification:
+    """The verdict of a sidecar whose header was read: freshness, model, preprocess, context."""
     meta = header.meta
     change = image_change(meta["image"], st, image)
     if change:
         return Classification(path, Verdict.STALE, change, header)
-    expect = expect or Expectation()
     if expect.model is not None:
         why = expect.model.mismatch(meta["model"])
         if why:

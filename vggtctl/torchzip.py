@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import struct
 import zlib
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
@@ -44,6 +45,11 @@ STORAGE_TYPES: dict[str, tuple[str, int]] = {
 }
 
 HEAD = TAIL = 4096  # bytes read at each end: data.pkl and the small records, the directory
+# The most a record torch.save writes for a sidecar can hold: torch writes a few bytes of
+# version, byteorder and alignment, and a sidecar's data.pkl is a few KiB. A crafted file may
+# declare gigabytes (sparse on disk, or deflated); read, it would take that much memory.
+SMALL_RECORD_MAX = 64
+PICKLE_MAX = 16 << 20
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
 _CDIR = struct.Struct("<4s6H3L5H2L")  # central directory file header
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
@@ -229,12 +235,24 @@ def _collect(obj: Any, found: list[TensorInfo], seen: set[int]) -> None:
 
 
 # A sidecar is a regular file: a symlink in its place is refused (ELOOP), not followed to
-# wherever it points (outside the data root, say).
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+# wherever it points (outside the data root, say). O_NONBLOCK: opening a FIFO named like a
+# sidecar would otherwise wait for a writer forever (and Ctrl-C cannot end a blocked open).
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+)
 
 
 def _open(path: str | os.PathLike[str]) -> int:
-    return os.open(path, _OPEN_FLAGS)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadArchive("a FIFO, socket or device named like a sidecar, not a file")
+    return fd
 
 
 def damage(path: str | os.PathLike[str]) -> str | None:
@@ -255,6 +273,8 @@ def damage(path: str | os.PathLike[str]) -> str | None:
             _Archive(fd)
         finally:
             os.close(fd)
+    except BadArchive as err:
+        return str(err)
     except NotUnderstood as err:
         if str(err) in ("too short for a zip", "no plain end-of-directory record at the end"):
             return f"truncated: the zip directory at the end is missing ({st.st_size:,} bytes)"
@@ -323,7 +343,8 @@ class _Archive:
             if 0xFFFFFFFF in (packed, size, offset) or name in members:
                 raise NotUnderstood(f"zip64 or duplicate member {name}")
             if flags & 0x1 or method != 0 or packed != size:
-                raise NotUnderstood(f"{name} is encrypted or compressed")
+                # torch.save stores every record as is; inflating one could take any memory
+                raise BadArchive(f"record {name} is encrypted or compressed: not written by torch.save")
             members[name] = (flags, method, size, offset)
             self.crcs[name] = fields[7]
         if pos != cd_size:
@@ -341,10 +362,12 @@ class _Archive:
             raise NotUnderstood(f"the local header of {name} does not match the directory")
         return offset + _LOCAL.size + name_len + extra_len, size
 
-    def member(self, name: str) -> bytes:
+    def member(self, name: str, limit: int = SMALL_RECORD_MAX) -> bytes:
         start, size = self.data_span(name)
         if start + size > self.cd_at:
             raise NotUnderstood(f"{name} runs into the directory")
+        if size > limit:  # for any reader: torch.load would read it whole, too
+            raise BadArchive(f"record {name} declares {size:,} bytes, more than torch.save writes there")
         return self.read(start, size)
 
 
@@ -361,7 +384,7 @@ def load_structure(path: str | os.PathLike[str]) -> tuple[Any, list[TensorInfo]]
             raise NotUnderstood("first member is not in a folder")  # as torch requires
         prefix += "/"
         _check_records(archive, prefix)
-        pickled = archive.member(prefix + "data.pkl")
+        pickled = archive.member(prefix + "data.pkl", PICKLE_MAX)
         if not pickled.startswith(b"\x80\x02"):
             raise NotUnderstood("pickle protocol is not 2")  # what torch.save writes
         try:
