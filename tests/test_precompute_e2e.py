@@ -189,6 +189,23 @@ def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     assert len(manifest.load(tmp_path).runs) == 3
 
 
+def test_a_limited_trial_with_other_settings_does_not_become_current(tmp_path):
+    """One image tried with another preset must not make every other sidecar a mismatch that
+    the next prune deletes; without --limit the new settings do become current."""
+    images = episodes_tree(tmp_path, episodes=2, steps=3)
+    first = run(opts(tmp_path, max_history=2))
+    trial = _invoke(str(tmp_path), "--max-history", "2", "--preset", "vggt-pad-518", "--limit", "1")
+    assert trial.exit_code == 0 and "this run has --limit, so it is a trial" in trial.stderr
+    recorded = manifest.load(tmp_path)
+    assert recorded.current_key == _key(first) and len(recorded.runs) == 2
+    assert verdicts(catalog_items(tmp_path, max_history=2), _key(first)) == {
+        "valid": len(images) - 1,
+        "preprocess-mismatch": 1,
+    }
+    run(opts(tmp_path, max_history=2, preset="vggt-pad-518"))
+    assert manifest.load(tmp_path).current_key != _key(first)
+
+
 def test_the_manifest_records_annotation_files_absolute(tmp_path, monkeypatch):
     """verify --recompute and train read them back from any folder and node."""
     image(tmp_path / "frames" / "a.jpg", 0)

@@ -14,9 +14,15 @@ from vggtctl.catalog import Catalog
 SHOWN = 10  # per kind of notice; then a count
 
 
-def settings_notice(changes: list[str]) -> list[str]:
+def settings_notice(changes: list[str], limited: bool = False) -> list[str]:
     if not changes:
         return []
+    if limited:  # see pipeline._record_manifest
+        return [
+            f"note: these settings differ from the root's current ones ({'; '.join(changes)}); "
+            "this run has --limit, so it is a trial: the current settings stay as they are (a run "
+            "without --limit makes new settings current)"
+        ]
     return [
         f"note: these settings differ from the root's current ones ({'; '.join(changes)}); a run "
         "with them makes them current, and verify, status, prune and training then judge every "

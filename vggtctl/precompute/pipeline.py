@@ -173,7 +173,9 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             changes = (
                 changed_settings(opts.root, key, catalog.layout, opts.max_history) if catalog.items else []
             )
-            for line in settings_notice(changes) + catalog_notices(catalog, opts.root, items):
+            for line in settings_notice(changes, opts.limit is not None) + catalog_notices(
+                catalog, opts.root, items
+            ):
                 reporter.message(line)
         if opts.dry_run:
             if grouped:
@@ -428,6 +430,13 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
     # catalogued nothing (a wrong --layout, an empty annotation file) would otherwise make every
     # existing sidecar "model-changed" for verify and prune.
     current = key if outcome.encoded or outcome.plan.already_valid else None
+    # A --limit run over a root whose current settings differ is a trial (one image with another
+    # preset, say): made current, it would turn every other sidecar into a mismatch, which the
+    # next `prune --all-invalid` deletes. The first run on a root, or one with the same
+    # settings, is recorded as usual.
+    limited = current is not None and opts.limit is not None
+    if limited and changed_settings(opts.root, key, outcome.plan.layout, opts.max_history):
+        current = None
     with contextlib.suppress(OSError):
         manifest.record_run(opts.root, entry, current)
 
