@@ -125,6 +125,17 @@ def test_annotation_files_from_the_environment_are_listed_like_path(tmp_path, mo
     assert plan.catalog.annotations == (str(tmp_path / "my anns" / "a.jsonl"), str(tmp_path / "b.jsonl"))
 
 
+def test_trainer_args_with_an_unbalanced_quote_are_one_line_not_a_traceback(tmp_path) -> None:
+    from vggtctl.errors import ConfigError
+
+    root = launch_tree.make_root(tmp_path, total=2, valid=2)
+    environ = {"PATH": os.environ["PATH"], "VGGTCTL_TRAINER_ARGS": '--x "a'}
+    with pytest.raises(ConfigError, match=r"trainer_args = .* \(env VGGTCTL_TRAINER_ARGS\): cannot split it"):
+        build_plan(
+            TrainOptions(nodes=1, data_root=str(root), feature_key=KEY_JSON), environ=environ, cuda_devices=0
+        )
+
+
 def test_other_nodes_find_their_interface_themselves() -> None:
     environ = {"PATH": os.environ["PATH"]}
     plan = build_plan(

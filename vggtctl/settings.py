@@ -221,7 +221,10 @@ def as_list(setting: Setting, separator: str | None = None) -> list[str]:
         raise setting.fail("not text or a list of text")
     if separator is not None:
         return [part for part in value.split(separator) if part.strip()]
-    return shlex.split(value)
+    try:
+        return shlex.split(value)
+    except ValueError as err:  # an unbalanced quote
+        raise setting.fail(f"cannot split it like a shell line ({str(err).lower()})") from None
 
 
 def as_path(setting: Setting, text: str | None = None) -> Path | None:
