@@ -325,3 +325,17 @@ def test_sigkilled_writers_never_leave_a_torn_sidecar(tmp_path: Path) -> None:
             assert got.verdict is Verdict.VALID, (entry, got.reason)
             assert sidecar.read(entry).features.shape == (64 * 64, 64)
     assert finals == 3
+
+
+def test_a_folder_name_that_is_not_utf8_reads_like_any_other(tmp_path: Path) -> None:
+    """Byte names are surrogate-escaped str in Python; torch's mmap loader refused them, so
+    full verify called these sidecars corrupt and the trainer's store never served them."""
+    folder = tmp_path / os.fsdecode(b"ep_\xff\xfe")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    image = tb.write_image(folder / "a.jpg")
+    path = tb.write_sidecar(image)
+    assert torch.equal(sidecar.read(path, check_crc=True).features, tb.features())
+    assert sidecar.classify(path, tb.expectation(), full=True).verdict is Verdict.VALID

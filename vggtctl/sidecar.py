@@ -169,7 +169,26 @@ class SidecarFormatError(ValueError):
 
 def _load(path: str | os.PathLike[str]) -> Any:
     # weights_only=True: a sidecar in a shared folder must never run code when read.
-    return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # a name that is not UTF-8 (its bytes surrogate-escaped): torch's mmap loader cannot
+        # take it as text, so the file is opened here and handed over by descriptor
+        return _load_by_descriptor(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _load_by_descriptor(path: str) -> Any:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        by_fd = f"/proc/self/fd/{fd}"
+        if os.path.exists(by_fd):  # Linux: still mapped, not read (the mapping outlives the fd)
+            return torch.load(by_fd, map_location="cpu", weights_only=True, mmap=True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    finally:
+        os.close(fd)
 
 
 TensorFacts = Callable[[Any], "tuple[tuple[int, ...], str] | None"]
