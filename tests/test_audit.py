@@ -74,7 +74,8 @@ def test_no_second_stat_and_temps_never_opened(make_tree, monkeypatch: pytest.Mo
     loaded: list[str] = []
     stats: list[str] = []
     torch_loaded: list[str] = []  # the header reader's fallback (torch.load) for what it does not model
-    real_fast, real_load, real_stat = sidecar._fast_header, sidecar._load, audit._stat_or_none
+    real_fast, real_load = sidecar._fast_header, sidecar._load
+    real_image_stat, real_stat = audit._image_stat, sidecar._stat_or_none
 
     def spy_fast(path):
         loaded.append(os.fspath(path))
@@ -88,9 +89,13 @@ def test_no_second_stat_and_temps_never_opened(make_tree, monkeypatch: pytest.Mo
         stats.append(path)
         return real_stat(path)
 
+    def spy_image_stat(path):
+        stats.append(path)
+        return real_image_stat(path)
+
     monkeypatch.setattr(sidecar, "_fast_header", spy_fast)
     monkeypatch.setattr(sidecar, "_load", spy_load)
-    monkeypatch.setattr(audit, "_stat_or_none", spy_stat)
+    monkeypatch.setattr(audit, "_image_stat", spy_image_stat)
     monkeypatch.setattr(sidecar, "_stat_or_none", spy_stat)
     report = audit.audit(tree.root, tb.expectation())
     assert report.count(Verdict.TEMP) == 1

@@ -21,8 +21,9 @@ from vggtctl import manifest, scan
 from vggtctl.catalog.base import Item, item_frames_for_key
 from vggtctl.catalog.episodes import episode_histories
 from vggtctl.keys import FeatureKey, checkpoint_fingerprint, is_random_model_name
-from vggtctl.sidecar import Expectation, Verdict, classify
+from vggtctl.sidecar import Classification, Expectation, Verdict, classify
 
+DANGLING_IMAGE = "image is a dangling symbolic link (its source unmounted?)"
 CHUNK = 32  # sidecars per pool task: amortizes task overhead on folders with many files
 
 ProgressCallback = Callable[[int, int], None]  # (files classified, files found so far)
@@ -39,6 +40,10 @@ class Problem:
     bytes: int
     stamp: tuple[int, int, int] | None = None
     link: bool = False  # a symbolic link in a sidecar's place: reported, never deleted
+    special: bool = False  # a socket, FIFO or device in a sidecar's place: reported, never deleted
+    # its image is there but cannot be reached (a dangling link, a failed stat): an `orphan`
+    # that may come back, so no prune category deletes it
+    image_unreachable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "verdict": self.verdict.value, "reason": self.reason, "bytes": self.bytes}
@@ -89,6 +94,11 @@ class AuditReport:
         return sum(s.count for v, s in self.verdicts.items() if v is not Verdict.VALID)
 
     @property
+    def unreachable_images(self) -> int:
+        """Sidecars kept because their image is a dangling link or could not be stat'ed."""
+        return sum(1 for p in self.problems if p.image_unreachable)
+
+    @property
     def ok(self) -> bool:
         return self.problem_count == 0 and not self.unreadable
 
@@ -103,6 +113,8 @@ class AuditReport:
         group: str | None = None,
         stamp: tuple[int, int, int] | None = None,
         link: bool = False,
+        special: bool = False,
+        image_unreachable: bool = False,
     ) -> None:
         stats = self.verdicts[verdict]
         stats.count += 1
@@ -110,7 +122,9 @@ class AuditReport:
         if len(stats.examples) < self.examples:
             stats.examples.append(path)
         if verdict is not Verdict.VALID:
-            self.problems.append(Problem(path, verdict, reason, nbytes, stamp, link))
+            self.problems.append(
+                Problem(path, verdict, reason, nbytes, stamp, link, special, image_unreachable)
+            )
         if group is not None:
             self.groups.setdefault(group, Counter())[verdict] += 1
             self.group_bytes.setdefault(group, Counter())[verdict] += nbytes
@@ -162,11 +176,21 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _stat_or_none(path: str) -> os.stat_result | None:
+def _image_stat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """(stat, None) for an image that is there; (None, None) when it is gone; (None, why) when
+    its name is there but it cannot be reached: a dangling link, or a stat error other than
+    ENOENT. Only a gone image makes an orphan that prune may delete."""
     try:
-        return os.stat(path)
+        return os.stat(path), None
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        return None, f"image cannot be read ({err.strerror or err})"
+    try:
+        linked = stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
-        return None
+        return None, None
+    return None, DANGLING_IMAGE if linked else None
 
 
 class Auditor:
@@ -207,8 +231,8 @@ class Auditor:
             raise RuntimeError("Auditor.feed after report()")
         with self._lock:
             self._report.images += len(listing.images)
-            if listing.error:
-                self._report.unreadable.append(listing.error)
+            if listing.error or listing.entry_errors:
+                self._report.unreadable.extend(listing.unreadable())
             self._report.symlinked_dirs.extend(listing.symlinked_dirs)
             for name, st in listing.temps.items():
                 path = os.path.join(listing.path, name)
@@ -237,10 +261,20 @@ class Auditor:
                 path = os.path.join(listing.path, name)
                 image_name = listing.image_of(name)
                 image_stat = listing.images.get(image_name)
-                if image_stat is None:
+                unreachable = None
+                if image_name in listing.dangling_images:
+                    unreachable = DANGLING_IMAGE
+                elif image_name in listing.entry_errors:
+                    unreachable = f"image cannot be read ({listing.entry_errors[image_name]})"
+                elif image_stat is None:
                     # Not listed: gone, or a name the scan does not count as an image (e.g.
                     # `.tif`). Ask the file system so such sidecars are never called orphans.
-                    image_stat = _stat_or_none(os.path.join(listing.path, image_name))
+                    image_stat, unreachable = _image_stat(os.path.join(listing.path, image_name))
+                if unreachable is not None:  # judged without opening it, like any orphan
+                    results.append(
+                        (Classification(path, Verdict.ORPHAN, unreachable), listing.sidecars[name], True)
+                    )
+                    continue
                 frames = streamed.get(image_name)
                 expect, gone = self.expect, None
                 if frames is not None and self.expect is not None and self.history is not None:
@@ -250,10 +284,10 @@ class Auditor:
                     recorded = result.header.meta["context"].get("frames") if result.header else None
                     why = f"context frame {gone} is gone" if gone else self.history.explain(recorded, frames)
                     result = replace(result, reason=why)
-                results.append((result, listing.sidecars[name]))
+                results.append((result, listing.sidecars[name], False))
             with self._lock:
-                for result, st in results:
-                    self._record(result.path, result.verdict, st, result.reason)
+                for result, st, unreachable_image in results:
+                    self._record(result.path, result.verdict, st, result.reason, unreachable_image)
                 self._done += len(results)
                 done, found = self._done, self._found
             if self.progress is not None:
@@ -264,10 +298,21 @@ class Auditor:
         finally:
             self._slots.release()
 
-    def _record(self, path: str, verdict: Verdict, st: os.stat_result, reason: str) -> None:
+    def _record(
+        self, path: str, verdict: Verdict, st: os.stat_result, reason: str, image_unreachable: bool = False
+    ) -> None:
         group = self.group_of(path) if self.group_of is not None else None
+        link = stat.S_ISLNK(st.st_mode)
         self._report.add(
-            verdict, path, st.st_size, reason, group=group, stamp=_stamp(st), link=stat.S_ISLNK(st.st_mode)
+            verdict,
+            path,
+            st.st_size,
+            reason,
+            group=group,
+            stamp=_stamp(st),
+            link=link,
+            special=not link and not stat.S_ISREG(st.st_mode),
+            image_unreachable=image_unreachable,
         )
 
     # -- result

@@ -26,8 +26,8 @@ from typing import Any
 import humanize
 
 from vggtctl import manifest
-from vggtctl.audit import AuditReport
-from vggtctl.errors import ConfigError
+from vggtctl.audit import AuditReport, Problem
+from vggtctl.errors import EXIT_PARTIAL, ConfigError, VggtctlError
 from vggtctl.sidecar import SUFFIX, Verdict, is_sidecar_name, is_temp_name
 
 # Category (the `--flag` without dashes) -> the verdicts it removes.
@@ -116,6 +116,11 @@ class PrunePlan:
     older_than: float | None = None
     kept_recent_temps: int = 0
     links_left: tuple[str, ...] = ()  # symbolic links named like sidecars: never deleted
+    specials_left: tuple[str, ...] = ()  # sockets, FIFOs, devices named like sidecars: never deleted
+    # sidecars whose image is a dangling link or cannot be stat'ed: (path, reason), never deleted
+    unreachable_left: tuple[tuple[str, str], ...] = ()
+    expectation: str = ""  # what `valid` was judged against (audit.describe + history rule)
+    unreadable: tuple[str, ...] = ()  # 'PATH: REASON' the scan could not read: not judged
 
     @property
     def freed_bytes(self) -> int:
@@ -139,16 +144,25 @@ class PrunePlan:
             "file_count": len(self.files),
             "freed_bytes": self.freed_bytes,
             "links_left": list(self.links_left),
+            "specials_left": list(self.specials_left),
+            "image_unreachable_left": [{"path": p, "reason": r} for p, r in self.unreachable_left],
+            "expectation": self.expectation,
+            "unreadable": list(self.unreadable),
         }
 
 
+def _never_deleted(problem: Problem) -> bool:
+    return problem.link or problem.special or problem.image_unreachable
+
+
 def found_categories(report: AuditReport) -> tuple[CategoryTotal, ...]:
-    """Every category with at least one file in `report` (what an interactive prune offers)."""
+    """Every category with at least one file in `report` that a prune could delete (what an
+    interactive prune offers); links, special files and sidecars of unreachable images are not."""
     totals = []
     for name, verdicts in CATEGORIES.items():
-        files = sum(report.count(v) for v in verdicts)
-        if files:
-            totals.append(CategoryTotal(name, files, sum(report.bytes(v) for v in verdicts)))
+        mine = [p for p in report.problems if p.verdict in verdicts and not _never_deleted(p)]
+        if mine:
+            totals.append(CategoryTotal(name, len(mine), sum(p.bytes for p in mine)))
     return tuple(totals)
 
 
@@ -173,12 +187,20 @@ def plan_prune(
     files: list[PruneTarget] = []
     kept_recent = 0
     links: list[str] = []
+    specials: list[str] = []
+    unreachable: list[tuple[str, str]] = []
     for problem in report.problems:
+        if problem.image_unreachable:  # its image may come back (a source remounted): kept by all
+            unreachable.append((problem.path, problem.reason))
+            continue
         category = wanted.get(problem.verdict)
         if category is None:
             continue
         if problem.link:  # execute would refuse it: say so up front instead of failing each run
             links.append(problem.path)
+            continue
+        if problem.special:  # a socket, FIFO or device: the same
+            specials.append(problem.path)
             continue
         age = now - problem.stamp[2] / 1e9 if problem.stamp else None
         if older_than is not None:
@@ -197,7 +219,18 @@ def plan_prune(
         )
         for c in chosen
     )
-    return PrunePlan(report.root, totals, tuple(files), older_than, kept_recent, tuple(sorted(links)))
+    return PrunePlan(
+        report.root,
+        totals,
+        tuple(files),
+        older_than,
+        kept_recent,
+        tuple(sorted(links)),
+        tuple(sorted(specials)),
+        tuple(sorted(unreachable)),
+        report.expectation,
+        tuple(report.unreadable),
+    )
 
 
 # --------------------------------------------------------------------------- execute
@@ -223,6 +256,13 @@ class PruneResult:
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "interrupted": self.interrupted,
         }
+
+
+class RootGoneError(VggtctlError):
+    """The data root cannot be opened any more (unmounted, removed since the scan): nothing was
+    deleted (exit 3, as for files that could not be deleted)."""
+
+    exit_code = EXIT_PARTIAL
 
 
 class _Refused(Exception):
@@ -309,10 +349,14 @@ def _delete_with_dir_fd(opener: _FolderOpener, root: str, target: PruneTarget) -
     fd = opener.folder(folders)
     _check_file(os.stat(name, dir_fd=fd, follow_symlinks=False), target)
     if target.verdict is Verdict.ORPHAN:
-        with contextlib.suppress(FileNotFoundError):
-            os.stat(name[: -len(SUFFIX)], dir_fd=fd)
-            raise _Skip("its image is back")
+        with contextlib.suppress(FileNotFoundError):  # a dangling link is an image not gone
+            _image_back(os.stat(name[: -len(SUFFIX)], dir_fd=fd, follow_symlinks=False))
     os.unlink(name, dir_fd=fd)
+
+
+def _image_back(st: os.stat_result) -> None:
+    """An orphan's image name is there again (a file, or a link whose source may be remounted)."""
+    raise _Skip("its image is a symbolic link now" if stat.S_ISLNK(st.st_mode) else "its image is back")
 
 
 def _delete_by_path(root: str, target: PruneTarget) -> None:  # pragma: no cover - non-Linux
@@ -325,8 +369,9 @@ def _delete_by_path(root: str, target: PruneTarget) -> None:  # pragma: no cover
             raise _Refused(f"folder {part!r} is not a real folder")
     path = os.path.join(current, name)
     _check_file(os.lstat(path), target)
-    if target.verdict is Verdict.ORPHAN and os.path.exists(path[: -len(SUFFIX)]):
-        raise _Skip("its image is back")
+    if target.verdict is Verdict.ORPHAN:
+        with contextlib.suppress(FileNotFoundError):
+            _image_back(os.lstat(path[: -len(SUFFIX)]))
     os.unlink(path)
 
 
@@ -346,7 +391,12 @@ def execute(
     failed: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
     interrupted = False
-    opener = _FolderOpener(plan.root) if _DIR_FD_OK and plan.files else None
+    try:
+        opener = _FolderOpener(plan.root) if _DIR_FD_OK and plan.files else None
+    except OSError as err:
+        raise RootGoneError(
+            f"{plan.root}: cannot open the data root to delete ({err.strerror or err}); nothing deleted"
+        ) from None
     try:
         for target in plan.files:
             error: str | None = None

@@ -68,17 +68,37 @@ class DirListing:
     error: str | None = None
     # sidecars' "images" that are files of another kind (x.tif, readme.txt): not orphans
     non_image_owners: set[str] = field(default_factory=set)
+    # image-named symbolic links whose target is missing (its source unmounted?): their
+    # sidecars are not orphans, the image may come back
+    dangling_images: set[str] = field(default_factory=set)
+    # entries whose stat failed (ELOOP, EACCES, EIO): name -> reason; the rest is still listed
+    entry_errors: dict[str, str] = field(default_factory=dict)
 
     def image_of(self, sidecar_name: str) -> str:
         return sidecar_name[: -len(SUFFIX)]
 
+    def unreadable(self) -> list[str]:
+        """'PATH: REASON' for the folder (when it could not be listed) and each failed entry."""
+        found = [self.error] if self.error else []
+        if self.entry_errors:
+            prefix = self.path if self.path.endswith(os.sep) else self.path + os.sep
+            found.extend(f"{prefix}{name}: {why}" for name, why in self.entry_errors.items())
+        return found
+
+    def image_unreachable(self, image_name: str) -> bool:
+        """The image is there as a name but cannot be reached: a dangling link, a failed stat."""
+        return image_name in self.dangling_images or image_name in self.entry_errors
+
     def orphans(self) -> list[str]:
         """Sidecars whose image is not in this folder (a file the scan does not count as an
-        image, `x.tif` say, still owns its sidecar: `classify` asks the file system too)."""
+        image, `x.tif` say, still owns its sidecar: `classify` asks the file system too; so
+        does an image that is a dangling link or could not be stat'ed)."""
         return [
             name
             for name in self.sidecars
-            if (image := self.image_of(name)) not in self.images and image not in self.non_image_owners
+            if (image := self.image_of(name)) not in self.images
+            and image not in self.non_image_owners
+            and not self.image_unreachable(image)
         ]
 
     def stat_lookup(self) -> Callable[[str], os.stat_result | None]:
@@ -128,7 +148,12 @@ def list_dir(path: str) -> DirListing:
                         if len(name) > _SUFFIX_LEN:
                             sidecars[name] = entry.stat(follow_symlinks=False)
                     elif (dot := name.rfind(".")) > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
-                        st = entry.stat()  # is_image_name, inlined
+                        try:  # is_image_name, inlined
+                            st = entry.stat()
+                        except FileNotFoundError:
+                            if entry.is_symlink():  # a link into a source that is not there now
+                                listing.dangling_images.add(name)
+                            continue
                         if S_ISREG(st.st_mode):
                             images[name] = st
                         elif S_ISDIR(st.st_mode):  # a link to a folder that is named like an image
@@ -142,6 +167,8 @@ def list_dir(path: str) -> DirListing:
                         others.add(name)
                 except FileNotFoundError:
                     continue  # vanished between readdir and stat, or a dangling link
+                except OSError as err:  # this entry only: the rest of the folder is still listed
+                    listing.entry_errors[name] = err.strerror or str(err)
     except OSError as err:
         listing.error = f"{path}: {err.strerror or err}"
     finally:
@@ -217,6 +244,7 @@ class DirStats:
     cached: int = 0
     orphans: int = 0
     linked_orphans: int = 0  # of the orphans, symbolic links named like sidecars (never pruned)
+    dangling: int = 0  # sidecars whose image is a dangling symbolic link: not orphans, never pruned
     temps: int = 0
     image_bytes: int = 0
     image_disk: int = 0
@@ -234,7 +262,7 @@ class DirStats:
 
     @property
     def sidecars(self) -> int:
-        return self.cached + self.orphans
+        return self.cached + self.orphans + self.dangling
 
     def add(self, other: DirStats) -> None:
         for attr in _COUNTERS:
@@ -285,7 +313,12 @@ def listing_stats(listing: DirListing, name: str) -> DirStats:
     for sidecar_name, st in listing.sidecars.items():
         if sidecar_name[:cut] in images:
             stats.cached += 1
-        elif sidecar_name[:cut] not in listing.non_image_owners:
+        elif sidecar_name[:cut] in listing.dangling_images:
+            stats.dangling += 1
+        elif (
+            sidecar_name[:cut] not in listing.non_image_owners
+            and sidecar_name[:cut] not in listing.entry_errors
+        ):
             # a sidecar next to a file the scan does not count as an image (x.tif, readme.txt)
             # is no orphan: classify asks the file system too, and prune --orphans agrees
             stats.orphans += 1
@@ -308,8 +341,8 @@ class _Partial:
     files: int = 0  # images, sidecars and temps (for progress)
 
     def fold(self, listing: DirListing, row_name: str) -> None:
-        if listing.error:
-            self.unreadable.append(listing.error)
+        if listing.error or listing.entry_errors:
+            self.unreadable.extend(listing.unreadable())
         self.symlinked.extend(listing.symlinked_dirs)
         row = self.rows.get(row_name)
         if row is None:

@@ -86,7 +86,7 @@ def verdict_table(report: AuditReport, *, examples: int = 5) -> Table:
 
 def print_scan_warnings(report: AuditReport) -> None:
     for line in report.unreadable:
-        render.err.print(f"[yellow]warning:[/] unreadable folder {escape(line)}")
+        render.err.print(f"[yellow]warning:[/] cannot read {escape(line)} (skipped)")
     if report.symlinked_dirs:
         render.err.print(
             f"note: {len(report.symlinked_dirs)} symlinked folder(s) not followed, "

@@ -197,6 +197,8 @@ def _print_plan(plan: PrunePlan) -> None:
 
     from vggtctl.cli import audit_view, render
 
+    # what `valid` meant: a smoke test that made other settings current shows up here
+    render.out.print(f"Checked against: {escape(plan.expectation)}")
     table = Table(show_edge=False, pad_edge=False, title=f"Prune plan for {plan.root}", title_justify="left")
     table.add_column("Category")
     table.add_column("Files", justify="right")
@@ -223,6 +225,19 @@ def _print_plan(plan: PrunePlan) -> None:
         render.out.print(
             f"Left {len(plan.links_left):,} symbolic link(s) named like sidecars (e.g. {escape(example)}): "
             "vggtctl never deletes links; remove them by hand."
+        )
+    if plan.specials_left:
+        example = audit_view.shown_path(plan.root, plan.specials_left[0])
+        render.out.print(
+            f"Left {len(plan.specials_left):,} special file(s) (socket, FIFO or device) named like "
+            f"sidecars (e.g. {escape(example)}): vggtctl deletes only regular files; remove them by hand."
+        )
+    if plan.unreachable_left:
+        path, reason = plan.unreachable_left[0]
+        render.out.print(
+            f"Kept {len(plan.unreachable_left):,} sidecar(s) whose image cannot be reached (e.g. "
+            f"{escape(audit_view.shown_path(plan.root, path))}: {escape(reason)}): no prune "
+            "category deletes them; they are valid again once the image's source is back."
         )
 
 

@@ -22,7 +22,7 @@ subfolder, e.g. each episode; files directly in ROOT form a "." row), with image
 coverage, missing, orphan sidecars, temp debris and sizes; then free space, the projected
 cache size at full coverage and the time to finish at the last measured precompute rate.
 
-Exit codes: 0 shown, 2 usage error, 3 some folders could not be read (their images are not
+Exit codes: 0 shown, 2 usage error, 3 some folders or files could not be read (their images are not
 counted), 130 interrupted.
 
 Counts come from file names and one stat per file; nothing is opened. --deep also reads each
@@ -368,6 +368,11 @@ def footer_lines(report: StatusReport) -> list[str]:
             f"Orphans: {render.count(total.orphans, 'sidecar')} whose image is gone "
             f"(`vggtctl prune --orphans` removes them{left})."
         )
+    if total.dangling:
+        lines.append(
+            f"Dangling: {render.count(total.dangling, 'sidecar')} whose image is a dangling symbolic "
+            "link (its source unmounted?): not orphans, no prune category deletes them."
+        )
     if report.deep is not None:
         verdicts = report.deep.verdicts
         counts = ", ".join(f"{v} {verdicts[v]['count']:,}" for v in VERDICT_ORDER if v in verdicts)
@@ -377,7 +382,7 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(f"Not followed: {render.count(len(report.symlinked_dirs), 'symlinked folder')}.")
     if report.unreadable:
         lines.append(
-            f"Unreadable: {render.count(len(report.unreadable), 'folder')} skipped (see the warnings above)."
+            f"Unreadable: {render.count(len(report.unreadable), 'path')} skipped (see the warnings above)."
         )
     lines.append(f"Scanned {render.count(total.folders, 'folder')} in {report.scan_seconds:.1f} s.")
     return lines

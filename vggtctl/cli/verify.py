@@ -15,7 +15,7 @@ The current model is --vggt-model, else the key recorded in ROOT/vggt_cache_mani
 precompute; without either, no model check is made (the output says so).
 
 Exit codes: 0 all valid, 1 problems found (anything not valid, legacy and temp files included,
-or an unreadable folder), 2 usage error, 130 interrupted.
+or a folder or file that could not be read), 2 usage error, 130 interrupted.
 
 Examples:
 
@@ -134,8 +134,13 @@ def run(
     else:
         render.out.print(
             f"[red]{report.problem_count:,} problem(s)[/] in {report.files:,} files"
-            + (f", {len(report.unreadable)} unreadable folder(s)" if report.unreadable else "")
+            + (f", {len(report.unreadable)} unreadable path(s)" if report.unreadable else "")
             + "; `--json` lists every path with its reason, `vggtctl prune` removes them."
+        )
+    if report.unreachable_images:
+        render.out.print(
+            f"Of the orphans, {report.unreachable_images:,} are sidecars whose image is a dangling "
+            "symbolic link (its source unmounted?) or cannot be read: `vggtctl prune` keeps them."
         )
     if rechecked is not None:
         render.out.print(recompute_table(rechecked))
