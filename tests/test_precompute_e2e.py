@@ -694,6 +694,7 @@ def test_disk_full_counts_every_encoded_row(tmp_path, disk_fills_after, monkeypa
     outcome = run(opts(tmp_path, context="none", batch_size=2))
     assert outcome.disk_full and outcome.not_written > 0
     assert sum(rows) == outcome.encoded + outcome.failed + outcome.not_written
+    assert outcome.failed == 0 and failure_records(tmp_path) == []  # a full disk is no item's fault
 
 
 def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):

@@ -477,8 +477,8 @@ def _encode_all(
         index, path = token
         if error is None and nbytes is not None:
             progress.wrote(path, nbytes)
-        elif isinstance(error, DiskFullSkipped):
-            progress.skipped()  # not this item's fault: the run stops and says why
+        elif isinstance(error, DiskFullSkipped) or getattr(error, "errno", None) in DISK_FULL_ERRNOS:
+            progress.skipped()  # not this item's fault (the write that hit the full disk neither)
         else:
             reason = getattr(error, "strerror", None) or str(error)
             progress.fail(
