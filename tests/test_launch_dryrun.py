@@ -136,6 +136,31 @@ def test_trainer_args_with_an_unbalanced_quote_are_one_line_not_a_traceback(tmp_
         )
 
 
+@pytest.mark.parametrize(
+    "cache, args, turned",
+    [(True, ["--use_vggt_cache", "False"], "off"), (False, ["--use_vggt_cache=True"], "on")],
+)
+def test_trainer_arguments_that_contradict_the_cache_switch_are_refused(
+    tmp_path, cache, args, turned
+) -> None:
+    """The trainer would get the flag one way and USE_VGGT_CACHE (and the feature key) the other."""
+    from vggtctl.errors import ConfigError
+
+    root = launch_tree.make_root(tmp_path, total=2, valid=2)
+    options = TrainOptions(nodes=1, data_root=str(root), feature_key=KEY_JSON, cache=cache, trainer_args=args)
+    with pytest.raises(ConfigError, match=f"the trainer arguments turn the cache {turned}"):
+        build_plan(options, environ={"PATH": os.environ["PATH"]}, cuda_devices=0)
+    agreeing = TrainOptions(
+        nodes=1,
+        data_root=str(root),
+        feature_key=KEY_JSON,
+        cache=True,
+        trainer_args=["--use_vggt_cache", "true"],
+    )
+    plan = build_plan(agreeing, environ={"PATH": os.environ["PATH"]}, cuda_devices=0)
+    assert plan.args.count("--use_vggt_cache") == 1
+
+
 def test_other_nodes_find_their_interface_themselves() -> None:
     environ = {"PATH": os.environ["PATH"]}
     plan = build_plan(

@@ -232,7 +232,15 @@ def build_plan(
         entry = parse_entry(str(entry_setting.value))
         args = list(trainer_args)
         flag = str(cache_flag.value or "")
-        if cache and flag and flag not in args and not any(a.startswith(flag + "=") for a in args):
+        given = _flag_value(args, flag) if flag else None
+        if given is not None and given != cache:
+            said = "off" if cache else "on"
+            raise ConfigError(
+                f"the trainer arguments turn the cache {said} ({flag}) while vggtctl's cache is "
+                f"{'on' if cache else 'off (--no-cache)'}: the trainer would get both; drop the "
+                f"flag, or use {'--no-cache' if cache else '--cache'}"
+            )
+        if cache and flag and given is None and not _names_flag(args, flag):
             args += [flag, "True"]
 
     iface, why = netif.route_interface(topology.master_addr)
@@ -293,6 +301,29 @@ def _with_gpus(topology: Topology, gpus: int, source: str) -> Topology:
         topology.notes,
         topology.slurm_job,
     )
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _names_flag(args: list[str], flag: str) -> bool:
+    return flag in args or any(a.startswith(flag + "=") for a in args)
+
+
+def _flag_value(args: list[str], flag: str) -> bool | None:
+    """What the trainer arguments set `flag` to (`--flag X` or `--flag=X`), None when they do
+    not, or not to a recognisable boolean."""
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            text = arg[len(flag) + 1 :]
+        elif arg == flag and i + 1 < len(args):
+            text = args[i + 1]
+        else:
+            continue
+        word = text.strip().lower()
+        return True if word in _TRUE else False if word in _FALSE else None
+    return None
 
 
 def _probe_args(catalog: CatalogSpec | None, samples: int | None) -> list[str]:
