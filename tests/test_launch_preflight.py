@@ -147,14 +147,24 @@ def test_node_zero_must_own_the_master_address() -> None:
 def test_other_nodes_connect_to_the_master() -> None:
     port = free_port()
     plan = _plan(nodes=2, node_rank=1, master_addr="127.0.0.1", master_port=port)
-    [refused] = preflight.check_master(plan, timeout=1)
+    loopback, refused = preflight.check_master(plan, timeout=1)
     assert refused.status == "ok" and "not open yet" in refused.detail
+    # two nodes, one of them told to reach node 0 through loopback: only works on one machine
+    assert loopback.status == "warn" and "127.0.0.1 is a loopback address" in loopback.detail
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         plan = _plan(nodes=2, node_rank=1, master_addr="127.0.0.1", master_port=server.getsockname()[1])
-        [accepted] = preflight.check_master(plan, timeout=1)
+        _loopback, accepted = preflight.check_master(plan, timeout=1)
         assert accepted.status == "ok" and "accepts" in accepted.detail
+
+
+def test_a_loopback_master_for_several_nodes_is_a_warning_on_node_zero() -> None:
+    plan = _plan(nodes=2, node_rank=0, master_addr="127.0.0.1", master_port=free_port())
+    checks = {c.name: c for c in preflight.check_master(plan, timeout=1)}
+    assert checks["master address"].status == "warn" and "loopback" in checks["master address"].detail
+    one = {c.name: c for c in preflight.check_master(_plan(master_port=free_port()), timeout=1)}
+    assert one["master address"].status == "ok"  # one node: loopback is right
 
 
 def test_unanswered_connect_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,4 +226,6 @@ def test_master_host_name_resolving_to_loopback_warns(monkeypatch: pytest.Monkey
     assert row.status == "warn" and "127.0.1.1" in row.detail and row.fix
     assert preflight._master_address_row("gpu01", 1).status == "ok"  # one node: nothing to reach
     monkeypatch.setattr(preflight.netif, "resolve_ipv4", lambda addr: addr)
-    assert preflight._master_address_row("127.0.0.1", 2).status == "ok"  # two nodes on one machine
+    # two nodes on one machine work, but so does a typo: said, not refused
+    row = preflight._master_address_row("127.0.0.1", 2)
+    assert row.status == "warn" and "fine only if every node runs here" in row.detail

@@ -211,17 +211,23 @@ def probe_connect(addr: str, port: int, timeout: float) -> tuple[str, str]:
         return FAIL, f"{addr}:{port}: {reason}"
 
 
-def _master_address_row(addr: str, nnodes: int) -> Check:
+def _loopback_row(addr: str, nnodes: int) -> Check | None:
+    """A warning when nodes on other machines are told to reach node 0 through loopback."""
     ip = netif.resolve_ipv4(addr) or addr
-    if nnodes > 1 and ip.startswith("127.") and not addr.startswith("127."):
-        # Debian-style /etc/hosts maps the host name to 127.0.1.1: NCCL would bind to lo.
-        return Check(
-            "master address",
-            WARN,
-            f"{addr} resolves to {ip} here: other machines cannot reach node 0 through it",
-            "pass node 0's address on the cluster network as --master-addr",
-        )
-    return Check("master address", OK, f"{addr} is this machine (node 0)")
+    if nnodes < 2 or not (ip.startswith("127.") or ip == "::1"):
+        return None
+    # Debian-style /etc/hosts maps the host name to 127.0.1.1: NCCL would bind to lo, too.
+    said = f"{addr} is a loopback address" if ip == addr else f"{addr} resolves to {ip} here"
+    return Check(
+        "master address",
+        WARN,
+        f"{said}: other machines cannot reach node 0 through it (fine only if every node runs here)",
+        "pass node 0's address on the cluster network as --master-addr",
+    )
+
+
+def _master_address_row(addr: str, nnodes: int) -> Check:
+    return _loopback_row(addr, nnodes) or Check("master address", OK, f"{addr} is this machine (node 0)")
 
 
 def check_master(plan: TrainPlan, *, timeout: float) -> list[Check]:
@@ -250,7 +256,8 @@ def check_master(plan: TrainPlan, *, timeout: float) -> list[Check]:
         )
         return checks
     status, detail = probe_connect(top.master_addr, top.master_port, timeout)
-    return [Check("master reachable", status, detail)]
+    loopback = _loopback_row(top.master_addr, top.nnodes)
+    return [*([loopback] if loopback else []), Check("master reachable", status, detail)]
 
 
 def _interface_matches(value: str, names: Sequence[str]) -> tuple[bool, str]:
