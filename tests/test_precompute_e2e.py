@@ -590,6 +590,17 @@ def test_an_unreadable_folder_is_named_once_and_makes_the_run_partial(tmp_path, 
     assert sidecars_under(tmp_path) == sorted(sidecar.sidecar_path(p) for p in images if "episode_000" in p)
 
 
+def test_a_symlinked_episode_folder_is_named_not_skipped_silently(tmp_path):
+    root = tmp_path / "root"
+    images = episodes_tree(root, episodes=1, steps=2)
+    episodes_tree(tmp_path / "elsewhere", episodes=1, steps=2)
+    (root / "episode_linked").symlink_to(tmp_path / "elsewhere" / "episode_000", target_is_directory=True)
+    result = _invoke(str(root), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "episode_linked: a symbolic link to a folder: not followed" in result.stderr
+    assert run(opts(root)).encoded == len(images)  # still only the real folder's
+
+
 def test_an_image_an_episode_cannot_place_is_named(tmp_path):
     episodes_tree(tmp_path, episodes=1, steps=2)
     stray = tmp_path / "episode_000" / "step_2_TURN LEFT.jpg"  # a space: not an action name

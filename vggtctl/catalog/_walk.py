@@ -23,6 +23,7 @@ class NameListing:
     images: list[str] = field(default_factory=list)
     others: list[str] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
+    linked_dirs: list[str] = field(default_factory=list)  # symbolic links to folders: not followed
     error: str | None = None
 
 
@@ -39,7 +40,8 @@ def list_names(path: str) -> NameListing:
                         continue
                     if entry.is_symlink():
                         if entry.is_dir():
-                            continue  # linked folders are never followed (same as scan)
+                            listing.linked_dirs.append(entry.path)  # never followed (same as scan)
+                            continue
                         entry.stat()  # raises for a dangling link
                 except FileNotFoundError:
                     continue

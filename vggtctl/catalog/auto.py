@@ -85,6 +85,16 @@ def load_catalog(
         )
         for listing in unreadable
     ]
+    problems += [
+        CatalogProblem(
+            linked,
+            None,
+            "a symbolic link to a folder: not followed, its images are left out (link the images "
+            "instead, or run over the folder it points to)",
+        )
+        for listing in listings
+        for linked in listing.linked_dirs
+    ]
     chosen, reason = _pick_layout(root_text, listings, layout)
     kind = _context_kind(chosen, context)
     if chosen == "plain":
