@@ -39,3 +39,17 @@ def test_every_command_help_has_no_hard_break_inside_a_paragraph() -> None:
             if not paragraph.startswith(" "):
                 assert "\n" not in paragraph, (info.name, paragraph)
         assert info.short_help and "\n" not in info.short_help
+
+
+def test_counts_take_the_right_number() -> None:
+    from vggtctl.wording import count
+
+    assert [count(n, "folder") for n in (0, 1, 2, 1000)] == [
+        "0 folders",
+        "1 folder",
+        "2 folders",
+        "1,000 folders",
+    ]
+    assert (
+        count(3, "process", "processes") == "3 processes" and count(1, "process", "processes") == "1 process"
+    )

@@ -140,9 +140,12 @@ def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
     run(opts(tmp_path, max_history=2))
     same = _invoke(str(tmp_path), "--max-history", "2", "--dry-run")
     assert "differ from the root's current ones" not in same.stderr
-    changed = _invoke(str(tmp_path), "--max-history", "3", "--limit", "1")
+    cached_before = {p: Path(sidecar.sidecar_path(p)).read_bytes() for p in images}
+    changed = _invoke(str(tmp_path), "--max-history", "3")
     assert changed.exit_code == 0, changed.output
     assert "note: these settings differ from the root's current ones (max_history 2 -> 3)" in changed.stderr
+    for path in images[1:]:  # all but one sidecar still cached with the old history
+        Path(sidecar.sidecar_path(path)).write_bytes(cached_before[path])
 
     doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
     counts = {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]}

@@ -129,7 +129,9 @@ def _plan_table(outcome: Outcome) -> Table:
         table.add_row("decode workers", workers + (" (reduced: see below)" if plan.decode_note else ""))
     if plan.missing_images or plan.catalog_problems:
         table.add_row(
-            "catalog problems", f"{plan.catalog_problems} problems, {plan.missing_images} missing images"
+            "catalog problems",
+            f"{render.count(plan.catalog_problems, 'problem')}, "
+            f"{render.count(plan.missing_images, 'missing image')}",
         )
     return table
 
@@ -399,7 +401,9 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
     if outcome.failed:
         # soft_wrap: a path broken over two lines cannot be pasted
         render.err.print(
-            f"{outcome.failed} items failed; see {failures_path(root)}", markup=False, soft_wrap=True
+            f"{render.count(outcome.failed, 'item')} failed; see {failures_path(root)}",
+            markup=False,
+            soft_wrap=True,
         )
 
 

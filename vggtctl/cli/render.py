@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vggtctl.errors import EXIT_INTERRUPTED, VggtctlError
+from vggtctl.wording import count as count  # re-exported: commands say render.count
 
 
 def _color_allowed() -> bool:
@@ -46,11 +47,6 @@ def print_json(document: Any) -> None:
     """One JSON document on stdout and nothing else."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def count(n: int, noun: str) -> str:
-    """`1 folder`, `2 folders`: a number with its noun in the right number."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def size(nbytes: int | float) -> str:

@@ -20,6 +20,7 @@ from vggtctl.launch import netif
 from vggtctl.launch.cache import describe_key, measure_coverage, precompute_command
 from vggtctl.launch.envcheck import check_env, interface_names
 from vggtctl.launch.plan import TrainPlan
+from vggtctl.wording import count
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 # Trainer flags whose values must be existing paths (JanusVLN / Qwen-VL style arguments).
@@ -81,7 +82,8 @@ def check_topology(plan: TrainPlan) -> Check:
     top = plan.topology
     backend = "NCCL" if plan.cuda_devices > 0 else "Gloo"
     detail = (
-        f"{top.nnodes} node(s) x {top.nproc_per_node} processes = {top.world_size} ranks; "
+        f"{count(top.nnodes, 'node')} x {count(top.nproc_per_node, 'process', 'processes')} = "
+        f"{count(top.world_size, 'rank')}; "
         f"this is node {top.node_rank}; master {top.master_addr}:{top.master_port}"
     )
     if plan.probe:
