@@ -604,6 +604,16 @@ def test_a_symlinked_episode_folder_is_named_not_skipped_silently(tmp_path):
     assert run(opts(root)).encoded == len(images)  # still only the real folder's
 
 
+def test_one_entry_that_cannot_be_read_leaves_out_that_entry_not_the_folder(tmp_path):
+    images = episodes_tree(tmp_path, episodes=1, steps=4)
+    loop = tmp_path / "episode_000" / "step_9_STOP.jpg"
+    loop.symlink_to(loop)  # stat: too many levels of symbolic links
+    outcome = run(opts(tmp_path))
+    assert outcome.encoded == len(images)  # every other step of the folder is still there
+    result = _invoke(str(tmp_path), "--dry-run")
+    assert "step_9_STOP.jpg: cannot read it (Too many levels of symbolic links); left out" in result.stderr
+
+
 def test_an_image_an_episode_cannot_place_is_named(tmp_path):
     episodes_tree(tmp_path, episodes=1, steps=2)
     stray = tmp_path / "episode_000" / "step_2_TURN LEFT.jpg"  # a space: not an action name

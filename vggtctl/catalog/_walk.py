@@ -24,6 +24,7 @@ class NameListing:
     others: list[str] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
     linked_dirs: list[str] = field(default_factory=list)  # symbolic links to folders: not followed
+    entry_errors: list[str] = field(default_factory=list)  # "PATH: REASON" of entries not listed
     error: str | None = None
 
 
@@ -44,6 +45,9 @@ def list_names(path: str) -> NameListing:
                             continue
                         entry.stat()  # raises for a dangling link
                 except FileNotFoundError:
+                    continue
+                except OSError as err:  # one entry (a link loop, EIO): that entry, not the folder
+                    listing.entry_errors.append(f"{entry.path}: {err.strerror or err}")
                     continue
                 if is_sidecar_name(name) or is_temp_name(name):
                     continue

@@ -86,6 +86,11 @@ def load_catalog(
         for listing in unreadable
     ]
     problems += [
+        CatalogProblem(path, None, f"cannot read it ({reason}); left out")
+        for listing in listings
+        for path, _, reason in (error.rpartition(": ") for error in listing.entry_errors)
+    ]
+    problems += [
         CatalogProblem(
             linked,
             None,
