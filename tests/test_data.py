@@ -290,7 +290,7 @@ def test_dataset_loads_frames_for_misses_only(episode: list[Item]) -> None:
     from vggtctl.preprocess.presets import Preset
 
     preset = Preset(name="test-crop-56", mode="crop", target_size=56, exif_transpose=False)
-    key = make_key()
+    key = make_key(preprocess=preset.fingerprint)
     write_sidecar(episode[0], key, feats(0))
     store = FeatureStore(key)
     miss_mode = CachedFeaturesDataset(episode[:2], store, preset)
@@ -305,6 +305,9 @@ def test_dataset_loads_frames_for_misses_only(episode: list[Item]) -> None:
     assert always["vggt_features"] is not None and always["images_vggt"].shape[0] == 3
     with pytest.raises(ConfigError):
         CachedFeaturesDataset(episode, store)  # loading images needs a preset
+    other = Preset(name="test-crop-70", mode="crop", target_size=70, exif_transpose=False)
+    with pytest.raises(ConfigError, match="not the preprocessing the cache was built with"):
+        CachedFeaturesDataset(episode, store, other)  # misses would load other frames
     batch = collate_features([hit, miss])
     assert isinstance(batch["vggt_features"], list) and batch["vggt_features"][1] is None
     stacked = collate_features([hit, hit])

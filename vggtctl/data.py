@@ -382,6 +382,15 @@ class CachedFeaturesDataset(Dataset):
             raise ConfigError(f"load_images must be one of {', '.join(LOAD_IMAGES)}, not {load_images!r}")
         if load_images != "never" and preset is None:
             raise ConfigError("a preprocess preset is needed to load images (or pass load_images='never')")
+        fingerprint = getattr(preset, "fingerprint", None)
+        if fingerprint is not None and fingerprint != store.key.preprocess_fingerprint:
+            # frames loaded for a miss would not be the ones the cache was computed from
+            raise ConfigError(
+                f"preset {getattr(preset, 'name', '?')!r} is not the preprocessing the cache was built "
+                f"with ({store.key.preset!r}, {store.key.preprocess_fingerprint[:12]}): use "
+                "vggtctl.preprocess.get_preset(store.key.preset) (with the Qwen model's patch and "
+                "merge sizes for presets with the grid step)"
+            )
         self.items = list(items.items if isinstance(items, Catalog) else items)
         self.store = store
         self.preset = preset
