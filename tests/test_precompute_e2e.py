@@ -175,6 +175,16 @@ def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
     assert json.loads(pruned.stdout)["plan"]["categories"]["model-changed"]["files"] == len(images) - 1
 
 
+def test_verify_names_the_history_frame_that_is_gone_as_the_trainer_does(tmp_path):
+    images = sorted(p for p in episodes_tree(tmp_path, episodes=1, steps=4))
+    run(opts(tmp_path, max_history=2))
+    first = Path(images[0])
+    os.unlink(first)
+    doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
+    reasons = {p["reason"] for p in doc["problems"] if p["verdict"] == "context-mismatch"}
+    assert reasons == {f"context frame {first.name} is gone"}
+
+
 def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     """A wrong --layout (or an empty annotation file) must not turn every sidecar into
     `model-changed` for verify and prune: the run is recorded, its key does not become current."""

@@ -282,7 +282,11 @@ class Auditor:
                 result = classify(path, expect, full=self.full, image_stat=image_stat, stat_lookup=lookup)
                 if frames is not None and result.verdict is Verdict.CONTEXT_MISMATCH and self.history:
                     recorded = result.header.meta["context"].get("frames") if result.header else None
-                    why = f"context frame {gone} is gone" if gone else self.history.explain(recorded, frames)
+                    why = (
+                        f"context frame {gone} is gone"
+                        if gone
+                        else self.history.explain(recorded, frames, listing.path, lookup)
+                    )
                     result = replace(result, reason=why)
                 results.append((result, listing.sidecars[name], False))
             with self._lock:
@@ -439,8 +443,20 @@ class HistoryRule:
             return replace(base, context_signature="-", check_context_frames=False), gone
         return replace(base, context_signature=signature, check_context_frames=False), None
 
-    def explain(self, header_frames: list[str] | None, streamed: tuple[str, ...]) -> str:
+    def explain(
+        self,
+        header_frames: list[str] | None,
+        streamed: tuple[str, ...],
+        folder: str | None = None,
+        lookup: Callable[[str], Any] | None = None,
+    ) -> str:
         wanted = [os.path.relpath(p, os.path.dirname(streamed[-1])) for p in streamed]
+        if header_frames is not None and folder is not None and lookup is not None:
+            # a frame the sidecar was cached with is gone: the likely cause, and what the trainer's
+            # store says too (the episode was re-indexed without it)
+            for rel in header_frames:
+                if isinstance(rel, str) and lookup(os.path.normpath(os.path.join(folder, rel))) is None:
+                    return f"context frame {rel} is gone"
         if header_frames is not None and list(header_frames) != wanted:
             which = "other" if len(header_frames) == len(wanted) else str(len(header_frames))
             return (
