@@ -297,6 +297,7 @@ def test_dataset_loads_frames_for_misses_only(episode: list[Item]) -> None:
     hit, miss = miss_mode[0], miss_mode[1]
     assert hit["vggt_features"] is not None and hit["images_vggt"] is None
     assert miss["vggt_features"] is None and miss["cache_status"] == "missing"
+    assert miss["cache_reason"] == "no sidecar" and hit["cache_reason"] == ""
     frames = miss["images_vggt"]
     assert frames.shape == (3, 3, 42, 56)  # 70x56 image: width -> 56, height 44.8 -> 42
     for k, path in enumerate(episode[1].frames):

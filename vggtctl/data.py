@@ -364,9 +364,9 @@ class CachedFeaturesDataset(Dataset):
     """A reference Dataset: per item, the cached features and (on a miss) the VGGT input frames.
 
     Yields dicts with `vggt_features` (Tensor or None), `images_vggt` (Tensor [S,3,H,W] of the
-    preprocessed frames, or None), `image_paths`, `item_index`, `sample_id` and `cache_status`
+    preprocessed frames, or None), `image_paths`, `item_index`, `sample_id`, `cache_status`
     (`hit`, `legacy-hit` or the miss verdict; feed a batch's list to `FeatureStats.update` to
-    count workers' lookups in the main process). `load_images`: `miss` loads frames only
+    count workers' lookups in the main process) and `cache_reason` (why a miss missed). `load_images`: `miss` loads frames only
     when the features are missing, `always` on every item, `never` not at all.
     """
 
@@ -410,6 +410,7 @@ class CachedFeaturesDataset(Dataset):
             "item_index": index,
             "sample_id": item.sample_id,
             "cache_status": found.status,
+            "cache_reason": found.reason,  # why a miss missed ("" on a hit): worth logging
         }
 
     def load_frames(self, item: Item) -> torch.Tensor:
