@@ -340,13 +340,21 @@ def test_annotations_name_missing_images_and_images_outside_the_root(tmp_path):
     image(root / "frames" / "a.jpg", 0)
     outside = image(tmp_path / "elsewhere" / "x.jpg", 1)
     ann = root / "train.jsonl"
-    samples = [{"image": "frames/a.jpg"}, {"image": "frames/gone.jpg"}, {"image": outside}]
+    (root / "frames" / "dir.jpg").mkdir()
+    samples = [
+        {"image": "frames/a.jpg"},
+        {"image": "frames/gone.jpg"},
+        {"image": outside},
+        {"image": "frames/dir.jpg"},
+    ]
     ann.write_text("".join(json.dumps(s) + "\n" for s in samples))
     result = _invoke(str(root), "--annotations", str(ann), "--dry-run")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     gone = root / "frames" / "gone.jpg"
     assert f"{gone}: image not found (named by the annotations; its samples are left out)" in lines
+    folder = root / "frames" / "dir.jpg"
+    assert f"{folder}: a folder, not an image (named by the annotations; its samples are left out)" in lines
     assert any(
         line.startswith(f"note: 1 annotated images lie outside {root} (e.g. {outside})") for line in lines
     ), lines

@@ -39,7 +39,8 @@ def catalog_notices(catalog: Catalog, root: str | os.PathLike[str], items: list[
         lines.append(f"... and {len(catalog.problems) - SHOWN} more catalog problems")
     missing = catalog.missing_images
     lines += [
-        f"{path}: image not found (named by the annotations; its samples are left out)"
+        f"{path}: {'a folder, not an image' if os.path.isdir(path) else 'image not found'} "
+        "(named by the annotations; its samples are left out)"
         for path in missing[:SHOWN]
     ]
     if len(missing) > SHOWN:
