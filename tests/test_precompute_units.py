@@ -187,22 +187,23 @@ def test_empty_claim_being_written_is_respected(tmp_path):
     assert not claims.ClaimBook(tmp_path).try_claim("c")
 
 
-def test_heartbeat_refreshes_held_claims(tmp_path):
+def _held_claim_an_hour_old(tmp_path):  # type: ignore[no-untyped-def]
     book = claims.ClaimBook(tmp_path)
     assert book.try_claim("c")
     path = claims.claims_dir(tmp_path) / "c.claim"
     past = time.time() - 3600
     os.utime(path, (past, past))
+    return book, path, past
+
+
+def test_heartbeat_refreshes_held_claims(tmp_path):
+    book, path, past = _held_claim_an_hour_old(tmp_path)
     book.heartbeat()
     assert path.stat().st_mtime > past + 1800
 
 
 def test_claims_are_kept_alive_by_a_thread_until_released(tmp_path):
-    book = claims.ClaimBook(tmp_path)
-    assert book.try_claim("c")
-    path = claims.claims_dir(tmp_path) / "c.claim"
-    past = time.time() - 3600
-    os.utime(path, (past, past))
+    book, path, past = _held_claim_an_hour_old(tmp_path)
     book.keep_alive(interval_s=0.01)
     deadline = time.monotonic() + 10
     while path.stat().st_mtime < past + 1800 and time.monotonic() < deadline:
