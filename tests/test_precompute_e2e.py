@@ -185,6 +185,30 @@ def test_verify_names_the_history_frame_that_is_gone_as_the_trainer_does(tmp_pat
     assert reasons == {f"context frame {first.name} is gone"}
 
 
+def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_path):
+    """A history frame whose link lost its source (a mount down) is not gone: the sidecars that
+    streamed it are valid again once the source is back, so no prune category deletes them."""
+    root = tmp_path / "root"
+    images = sorted(episodes_tree(root, episodes=1, steps=4))
+    source = tmp_path / "mount" / "frame.jpg"
+    source.parent.mkdir()
+    os.replace(images[1], source)
+    os.symlink(source, images[1])
+    run(opts(root, max_history=2))
+    os.replace(source, tmp_path / "away.jpg")  # the mount goes down
+    doc = json.loads(CliRunner().invoke(app, ["verify", str(root), "--quick", "--json"]).stdout)
+    later = {p["path"]: p["reason"] for p in doc["problems"] if p["verdict"] == "context-mismatch"}
+    name = os.path.basename(images[1])
+    assert later and set(later.values()) == {
+        f"context frame {name} is a dangling symbolic link (its source unmounted?)"
+    }
+    plan = json.loads(
+        CliRunner().invoke(app, ["prune", str(root), "--all-invalid", "--dry-run", "--json"]).stdout
+    )["plan"]
+    kept = {entry["path"] for entry in plan["image_unreachable_left"]}
+    assert set(later) <= kept and plan["file_count"] == 0
+
+
 def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     """A wrong --layout (or an empty annotation file) must not turn every sidecar into
     `model-changed` for verify and prune: the run is recorded, its key does not become current."""

@@ -65,7 +65,7 @@ def test_sidecars_of_dangling_image_links_survive_every_prune(tmp_path: Path) ->
     assert all(p.is_file() for p in sidecars)
 
     shown = _cli("prune", str(root), "--orphans", "--dry-run")
-    assert "Kept 3 sidecar(s) whose image cannot be reached" in shown.stdout
+    assert "Kept 3 sidecars whose image or a history frame cannot be reached" in shown.stdout
     assert "dangling symbolic link (its source unmounted?)" in shown.stdout
 
     status = _cli("status", str(root), "--json")
@@ -79,7 +79,7 @@ def test_sidecars_of_dangling_image_links_survive_every_prune(tmp_path: Path) ->
 
     verify = _cli("verify", str(root), "--quick")
     assert verify.exit_code == 1  # not servable now: a finding, but not one prune acts on
-    assert "3 are sidecars whose image is a dangling symbolic link" in verify.stdout
+    assert "Kept by `vggtctl prune`: 3 sidecars whose image or a history frame is a dangling symbolic link" in verify.stdout
 
     (tmp_path / "unmounted").rename(raw)  # remounted: valid again, nothing was lost
     again = json.loads(_cli("verify", str(root), "--quick", "--json").stdout)
@@ -159,7 +159,8 @@ def test_special_files_named_like_sidecars_are_left_out_and_listed(tmp_path: Pat
         assert plan["specials_left"] == sorted(str(p) for p in specials)
     shown = _cli("prune", str(short), "--corrupt", "--dry-run")
     assert (
-        f"Left {len(specials)} special file(s) (socket, FIFO or device) named like sidecars" in shown.stdout
+        f"Left {len(specials)} special file{'' if len(specials) == 1 else 's'} (socket, FIFO or device) "
+        "named like sidecars" in shown.stdout
     )
     assert all(p.exists() for p in specials)
 

@@ -280,7 +280,20 @@ class Auditor:
                 if frames is not None and self.expect is not None and self.history is not None:
                     expect, gone = self.history.expectation(self.expect, frames, lookup)
                 result = classify(path, expect, full=self.full, image_stat=image_stat, stat_lookup=lookup)
-                if frames is not None and result.verdict is Verdict.CONTEXT_MISMATCH and self.history:
+                kept = False
+                if result.verdict is Verdict.CONTEXT_MISMATCH and result.header is not None:
+                    dangling = _dangling_frame(result.header.meta, listing)
+                    if dangling is not None:
+                        # the history frame's source is unmounted, not gone: like the frame's own
+                        # sidecar, this one is kept and valid again once the source is back
+                        why = f"context frame {dangling} is a dangling symbolic link (its source unmounted?)"
+                        result, kept = replace(result, reason=why), True
+                if (
+                    not kept
+                    and frames is not None
+                    and result.verdict is Verdict.CONTEXT_MISMATCH
+                    and self.history
+                ):
                     recorded = result.header.meta["context"].get("frames") if result.header else None
                     why = (
                         f"context frame {gone} is gone"
@@ -288,7 +301,7 @@ class Auditor:
                         else self.history.explain(recorded, frames, listing.path, lookup)
                     )
                     result = replace(result, reason=why)
-                results.append((result, listing.sidecars[name], False))
+                results.append((result, listing.sidecars[name], kept))
             with self._lock:
                 for result, st, unreachable_image in results:
                     self._record(result.path, result.verdict, st, result.reason, unreachable_image)
@@ -464,6 +477,17 @@ class HistoryRule:
                 f"{self.max_history} streams {len(wanted)} for this step"
             )
         return "a context frame changed since the sidecar was written"
+
+
+def _dangling_frame(meta: dict[str, Any], listing: scan.DirListing) -> str | None:
+    """A frame the sidecar was cached with that is a dangling image link in its folder."""
+    frames = meta.get("context", {}).get("frames")
+    if not isinstance(frames, list) or not listing.dangling_images:
+        return None
+    for rel in frames:
+        if isinstance(rel, str) and os.sep not in rel and rel in listing.dangling_images:
+            return rel
+    return None
 
 
 def history_rule_from(root: str | os.PathLike[str]) -> HistoryRule | None:

@@ -229,13 +229,14 @@ def _print_plan(plan: PrunePlan) -> None:
     if plan.specials_left:
         example = audit_view.shown_path(plan.root, plan.specials_left[0])
         render.out.print(
-            f"Left {len(plan.specials_left):,} special file(s) (socket, FIFO or device) named like "
+            f"Left {render.count(len(plan.specials_left), 'special file')} (socket, FIFO or device) named like "
             f"sidecars (e.g. {escape(example)}): vggtctl deletes only regular files; remove them by hand."
         )
     if plan.unreachable_left:
         path, reason = plan.unreachable_left[0]
         render.out.print(
-            f"Kept {len(plan.unreachable_left):,} sidecar(s) whose image cannot be reached (e.g. "
+            f"Kept {render.count(len(plan.unreachable_left), 'sidecar')} whose image or a history frame "
+            "cannot be reached (e.g. "
             f"{escape(audit_view.shown_path(plan.root, path))}: {escape(reason)}): no prune "
             "category deletes them; they are valid again once the image's source is back."
         )

@@ -127,20 +127,29 @@ def run(
     render.out.print(f"Checked against: {report.expectation}")
     render.out.print(audit_view.verdict_table(report))
     audit_view.print_scan_warnings(report)
+    specials = sum(1 for p in report.problems if p.special or p.link)  # never deleted by prune
     if report.ok:
         valid = report.count(audit.Verdict.VALID)
         said = {0: "No sidecars to check.", 1: "The one sidecar is valid."}
         render.out.print(f"[green]{said.get(valid, f'All {valid:,} sidecars are valid.')}[/]")
     else:
+        kept = report.unreachable_images + specials
         render.out.print(
-            f"[red]{report.problem_count:,} problem(s)[/] in {report.files:,} files"
-            + (f", {len(report.unreadable)} unreadable path(s)" if report.unreadable else "")
-            + "; `--json` lists every path with its reason, `vggtctl prune` removes them."
+            f"[red]{render.count(report.problem_count, 'problem')}[/] in {render.count(report.files, 'file')}"
+            + (f", {render.count(len(report.unreadable), 'unreadable path')}" if report.unreadable else "")
+            + "; `--json` lists every path with its reason, `vggtctl prune` removes "
+            + ("the others (below)." if kept else "them.")
         )
     if report.unreachable_images:
         render.out.print(
-            f"Of the orphans, {report.unreachable_images:,} are sidecars whose image is a dangling "
-            "symbolic link (its source unmounted?) or cannot be read: `vggtctl prune` keeps them."
+            f"Kept by `vggtctl prune`: {render.count(report.unreachable_images, 'sidecar')} whose image "
+            "or a history frame is a dangling symbolic link (its source unmounted?) or cannot be "
+            "read; they are valid again once the source is back."
+        )
+    if specials:
+        render.out.print(
+            f"Never deleted by `vggtctl prune`: {render.count(specials, 'file')} named like a sidecar "
+            "but a symbolic link or a special file (socket, FIFO, device); remove them by hand."
         )
     if rechecked is not None:
         render.out.print(recompute_table(rechecked))
