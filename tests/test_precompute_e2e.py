@@ -209,6 +209,27 @@ def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_pat
     assert set(later) <= kept and plan["file_count"] == 0
 
 
+def test_precompute_fails_the_items_of_a_dangling_frame_and_keeps_their_sidecars(tmp_path):
+    """With a frame's source unmounted, the episode is not re-indexed without it: its items fail
+    naming the link, and the sidecars of later steps (valid once the source is back) stay."""
+    root = tmp_path / "root"
+    images = sorted(episodes_tree(root, episodes=1, steps=4))
+    source = tmp_path / "mount" / "frame.jpg"
+    source.parent.mkdir()
+    os.replace(images[1], source)
+    os.symlink(source, images[1])
+    run(opts(root, max_history=2))
+    before = {p: Path(sidecar.sidecar_path(p)).read_bytes() for p in images[2:]}
+    os.replace(source, tmp_path / "away.jpg")  # the mount goes down
+    outcome = run(opts(root, max_history=2))
+    assert outcome.encoded == 0 and outcome.failed == len(images) - 1  # the frame and its later steps
+    reasons = {r["reason"] for r in failure_records(root)}
+    assert any("symbolic link whose target is missing" in r for r in reasons), reasons
+    assert {p: Path(sidecar.sidecar_path(p)).read_bytes() for p in images[2:]} == before
+    os.replace(tmp_path / "away.jpg", source)  # back: everything valid again, nothing to encode
+    assert run(opts(root, max_history=2)).encoded == 0
+
+
 def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     """A wrong --layout (or an empty annotation file) must not turn every sidecar into
     `model-changed` for verify and prune: the run is recorded, its key does not become current."""

@@ -1,8 +1,8 @@
 """A names-only walk for catalogs: the same folder rules as `vggtctl.scan`, without the stats.
 
 A catalog needs file names, not sizes: on a 10^6-image NFS root every avoided stat counts, so
-regular files are never stat'ed here. Only symlinks are (to skip dangling links and linked
-folders exactly as `scan.list_dir` does).
+regular files are never stat'ed here. Only symlinks are (to skip linked folders as
+`scan.list_dir` does, and to tell dangling image links, which are kept, from other dangling ones).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def list_names(path: str) -> NameListing:
                             continue
                         entry.stat()  # raises for a dangling link
                 except FileNotFoundError:
+                    if is_image_name(name) and entry.is_symlink():
+                        # a dangling image link (its source unmounted?) stays in the catalog: its
+                        # items fail naming it, and an episode is not re-indexed without it (later
+                        # steps would be encoded with another history, over valid sidecars)
+                        listing.images.append(name)
                     continue
                 except OSError as err:  # one entry (a link loop, EIO): that entry, not the folder
                     listing.entry_errors.append(f"{entry.path}: {err.strerror or err}")

@@ -114,6 +114,8 @@ class ItemDataset(Dataset):
         except OSError as err:
             path = str(getattr(err, "filename", None) or item.image)
             reason = f"cannot stat: {err.strerror or err}"
+            if os.path.islink(path) and not os.path.exists(path):
+                reason = "a symbolic link whose target is missing (its source unmounted?)"
             return Failed(index, Failure(item.image, "decode", _naming_frame(item, path, reason)))
         try:
             loaded = [self._load(p) for p in item.frames] if sequence else [self._load(item.image)]
