@@ -138,7 +138,12 @@ def test_trainer_args_with_an_unbalanced_quote_are_one_line_not_a_traceback(tmp_
 
 @pytest.mark.parametrize(
     "cache, args, turned",
-    [(True, ["--use_vggt_cache", "False"], "off"), (False, ["--use_vggt_cache=True"], "on")],
+    [
+        (True, ["--use_vggt_cache", "False"], "off"),
+        (True, ["--use-vggt-cache", "false"], "off"),  # the dash spelling argparse also accepts
+        (False, ["--use_vggt_cache=True"], "on"),
+        (False, ["--use_vggt_cache", "--output_dir", "x"], "on"),  # a bare boolean flag is true
+    ],
 )
 def test_trainer_arguments_that_contradict_the_cache_switch_are_refused(
     tmp_path, cache, args, turned

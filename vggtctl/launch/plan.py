@@ -307,20 +307,30 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def _spelling(arg: str) -> str:
+    """`--use-vggt-cache` and `--use_vggt_cache` are one flag to an argparse-based trainer."""
+    return "--" + arg[2:].replace("-", "_") if arg.startswith("--") else arg
+
+
 def _names_flag(args: list[str], flag: str) -> bool:
-    return flag in args or any(a.startswith(flag + "=") for a in args)
+    wanted = _spelling(flag)
+    return any(_spelling(a.split("=", 1)[0]) == wanted for a in args)
 
 
 def _flag_value(args: list[str], flag: str) -> bool | None:
-    """What the trainer arguments set `flag` to (`--flag X` or `--flag=X`), None when they do
-    not, or not to a recognisable boolean."""
+    """What the trainer arguments set `flag` to (`--flag X`, `--flag=X`, or `--flag` alone,
+    which a boolean trainer flag reads as true), None when they do not, or not to a
+    recognisable boolean."""
+    wanted = _spelling(flag)
     for i, arg in enumerate(args):
-        if arg.startswith(flag + "="):
-            text = arg[len(flag) + 1 :]
-        elif arg == flag and i + 1 < len(args):
-            text = args[i + 1]
-        else:
+        name, eq, text = arg.partition("=")
+        if _spelling(name) != wanted:
             continue
+        if not eq:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("--"):
+                return True  # a bare flag
+            text = following
         word = text.strip().lower()
         return True if word in _TRUE else False if word in _FALSE else None
     return None
