@@ -21,7 +21,9 @@ def settings_notice(changes: list[str], limited: bool = False) -> list[str]:
         return [
             f"note: these settings differ from the root's current ones ({'; '.join(changes)}); "
             "this run has --limit, so it is a trial: the current settings stay as they are (a run "
-            "without --limit makes new settings current)"
+            "without --limit makes new settings current); the items it encodes get sidecars for the "
+            "trial's settings in place of their current ones (one sidecar per image), and a normal "
+            "run encodes them again"
         ]
     return [
         f"note: these settings differ from the root's current ones ({'; '.join(changes)}); a run "
