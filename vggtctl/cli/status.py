@@ -371,7 +371,8 @@ def footer_lines(report: StatusReport) -> list[str]:
     if total.dangling:
         lines.append(
             f"Dangling: {render.count(total.dangling, 'sidecar')} whose image is a dangling symbolic "
-            "link (its source unmounted?): not orphans, no prune category deletes them."
+            "link (its source unmounted?): not counted as orphans above (the verdicts below call "
+            "them orphan), and no prune category deletes them."
         )
     if report.deep is not None:
         verdicts = report.deep.verdicts
