@@ -406,7 +406,7 @@ def test_a_link_named_like_a_sidecar_is_left_and_said_so_not_a_failure(tmp_path:
     assert "1 of them are symbolic links, which vggtctl never deletes" in status.stdout
     result = CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--yes"])
     assert result.exit_code == 0, result.output
-    assert "Left 1 symbolic link(s) named like sidecars (e.g. ep/gone.jpg.vggt_cache.pt)" in result.stdout
+    assert "Left 1 symbolic link named like sidecars (e.g. ep/gone.jpg.vggt_cache.pt)" in result.stdout
     assert link.is_symlink() and real.is_file()
     doc = json.loads(
         CliRunner().invoke(app, ["prune", str(tmp_path), "--orphans", "--dry-run", "--json"]).stdout

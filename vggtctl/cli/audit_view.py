@@ -89,6 +89,6 @@ def print_scan_warnings(report: AuditReport) -> None:
         render.err.print(f"[yellow]warning:[/] cannot read {escape(line)} (skipped)")
     if report.symlinked_dirs:
         render.err.print(
-            f"note: {len(report.symlinked_dirs)} symlinked folder(s) not followed, "
+            f"note: {render.count(len(report.symlinked_dirs), 'symlinked folder')} not followed, "
             f"e.g. {escape(shown_path(report.root or '.', report.symlinked_dirs[0]))}"
         )

@@ -217,13 +217,13 @@ def _print_plan(plan: PrunePlan) -> None:
     render.out.print(table)
     if plan.kept_recent_temps:
         render.out.print(
-            f"Kept {plan.kept_recent_temps:,} temp file(s) younger than 15 minutes (a write may be in "
+            f"Kept {render.count(plan.kept_recent_temps, 'temp file')} younger than 15 minutes (a write may be in "
             "progress); --older-than 0s includes them."
         )
     if plan.links_left:
         example = audit_view.shown_path(plan.root, plan.links_left[0])
         render.out.print(
-            f"Left {len(plan.links_left):,} symbolic link(s) named like sidecars (e.g. {escape(example)}): "
+            f"Left {render.count(len(plan.links_left), 'symbolic link')} named like sidecars (e.g. {escape(example)}): "
             "vggtctl never deletes links; remove them by hand."
         )
     if plan.specials_left:

@@ -334,7 +334,7 @@ def footer_lines(report: StatusReport) -> list[str]:
         fits = "" if foot.fits is None else ("; fits" if foot.fits else "; does NOT fit in the free space")
         lines.append(
             f"Cache at full coverage: ~{render.size(foot.projected_cache_bytes)} "
-            f"({render.size(foot.mean_sidecar_bytes or 0)} per sidecar x {total.images:,} images); "
+            f"({render.size(foot.mean_sidecar_bytes or 0)} per sidecar x {render.count(total.images, 'image')}); "
             f"{render.size(foot.remaining_cache_bytes or 0)} still to write{fits}."
         )
     if foot.layout == "annotations":
@@ -343,7 +343,8 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append("Time to finish: nothing left to compute.")
     elif foot.eta_seconds is None:
         lines.append(
-            f"Time to finish: unknown for {foot.todo_items:,} items (no precompute rate in the manifest yet)."
+            f"Time to finish: unknown for {render.count(foot.todo_items, 'item')} (no precompute rate in the "
+            "manifest yet)."
         )
     else:
         lines.append(

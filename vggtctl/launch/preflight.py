@@ -347,7 +347,7 @@ def check_environment(plan: TrainPlan) -> list[Check]:
     findings = check_env(values)
     if not findings:
         relevant = [n for n in values if n.startswith(("NCCL_", "GLOO_", "TORCH_"))]
-        return [Check("nccl/gloo env", OK, f"{len(relevant)} variable(s) hold accepted values")]
+        return [Check("nccl/gloo env", OK, f"{count(len(relevant), 'variable')}: accepted values")]
     return [
         Check(f"env {f.name}", f.status, f"{f.name}={f.value} ({env[f.name].source}): {f.detail}")
         for f in findings
