@@ -791,6 +791,8 @@ def test_disk_full_exit_3_with_message(tmp_path, disk_fills_after):
     assert result.exit_code == 3, result.output
     assert json.loads(result.stdout)["encoded"] == 2
     assert "disk is full" in result.stderr and "rerun" in result.stderr
+    human = _invoke(str(tmp_path), "--context", "none", "--batch-size", "2")
+    assert "not written (disk full)" in human.stdout
     assert temp_files_under(tmp_path) == []
 
 

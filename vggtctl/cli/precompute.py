@@ -151,6 +151,8 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
     table.add_row("encoded", f"{outcome.encoded:,}")
     table.add_row("already valid", f"{outcome.plan.already_valid:,}")
     table.add_row("failed", f"{outcome.failed:,}")
+    if outcome.not_written:
+        table.add_row("not written (disk full)", f"{outcome.not_written:,}")
     if outcome.skipped_claimed:
         table.add_row("claimed by another process", f"{outcome.skipped_claimed:,}")
     table.add_row("written", render.size(outcome.bytes_written))
@@ -160,7 +162,7 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
             f"{render.count(outcome.verified, 'sidecar')}, {outcome.verify_problems:,} corrupt",
         )
     table.add_row("time", render.duration(outcome.seconds))
-    table.add_row("rate", f"{outcome.rate:.2f} items/s")
+    table.add_row("rate", f"{outcome.rate:.2f} items/s" if outcome.encoded else "-")
     if outcome.ranks > 1:
         table.add_row("ranks", str(outcome.ranks))
     from vggtctl.precompute.stages import bottleneck
