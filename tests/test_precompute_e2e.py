@@ -185,9 +185,8 @@ def test_verify_names_the_history_frame_that_is_gone_as_the_trainer_does(tmp_pat
     assert reasons == {f"context frame {first.name} is gone"}
 
 
-def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_path):
-    """A history frame whose link lost its source (a mount down) is not gone: the sidecars that
-    streamed it are valid again once the source is back, so no prune category deletes them."""
+def _episode_with_a_linked_frame(tmp_path):  # type: ignore[no-untyped-def]
+    """One cached episode of 4 steps whose step 1 is a link into another 'mount'."""
     root = tmp_path / "root"
     images = sorted(episodes_tree(root, episodes=1, steps=4))
     source = tmp_path / "mount" / "frame.jpg"
@@ -195,6 +194,13 @@ def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_pat
     os.replace(images[1], source)
     os.symlink(source, images[1])
     run(opts(root, max_history=2))
+    return root, images, source
+
+
+def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_path):
+    """A history frame whose link lost its source (a mount down) is not gone: the sidecars that
+    streamed it are valid again once the source is back, so no prune category deletes them."""
+    root, images, source = _episode_with_a_linked_frame(tmp_path)
     os.replace(source, tmp_path / "away.jpg")  # the mount goes down
     doc = json.loads(CliRunner().invoke(app, ["verify", str(root), "--quick", "--json"]).stdout)
     later = {p["path"]: p["reason"] for p in doc["problems"] if p["verdict"] == "context-mismatch"}
@@ -212,13 +218,7 @@ def test_sidecars_streaming_a_dangling_history_frame_are_kept_not_pruned(tmp_pat
 def test_precompute_fails_the_items_of_a_dangling_frame_and_keeps_their_sidecars(tmp_path):
     """With a frame's source unmounted, the episode is not re-indexed without it: its items fail
     naming the link, and the sidecars of later steps (valid once the source is back) stay."""
-    root = tmp_path / "root"
-    images = sorted(episodes_tree(root, episodes=1, steps=4))
-    source = tmp_path / "mount" / "frame.jpg"
-    source.parent.mkdir()
-    os.replace(images[1], source)
-    os.symlink(source, images[1])
-    run(opts(root, max_history=2))
+    root, images, source = _episode_with_a_linked_frame(tmp_path)
     before = {p: Path(sidecar.sidecar_path(p)).read_bytes() for p in images[2:]}
     os.replace(source, tmp_path / "away.jpg")  # the mount goes down
     outcome = run(opts(root, max_history=2))
