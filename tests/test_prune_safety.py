@@ -25,6 +25,7 @@ def test_picker_asks_again_on_unicode_digits(make_tree, cli_app, runner, monkeyp
     assert result.exit_code == 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert result.stderr.count("Not understood") == 2
+    assert result.stderr.index("Checked against:") < result.stderr.index("Not understood")  # shown first
     assert "Nothing chosen; nothing deleted." in result.stderr
     assert orphan.exists()
 
@@ -79,7 +80,10 @@ def test_sidecars_of_dangling_image_links_survive_every_prune(tmp_path: Path) ->
 
     verify = _cli("verify", str(root), "--quick")
     assert verify.exit_code == 1  # not servable now: a finding, but not one prune acts on
-    assert "Kept by `vggtctl prune`: 3 sidecars whose image or a history frame is a dangling symbolic link" in verify.stdout
+    assert (
+        "Kept by `vggtctl prune`: 3 sidecars whose image or a history frame is a dangling symbolic link"
+        in verify.stdout
+    )
 
     (tmp_path / "unmounted").rename(raw)  # remounted: valid again, nothing was lost
     again = json.loads(_cli("verify", str(root), "--quick", "--json").stdout)

@@ -256,6 +256,8 @@ def _ask_categories(report: AuditReport, *, has_model: bool) -> list[str]:
             "Nothing to prune: every sidecar is valid." if has_model else "Nothing to prune found."
         )
         return []
+    # what `valid` means, before a category like --model-changed is picked
+    render.err.print(f"Checked against: {report.expectation}", markup=False, soft_wrap=True)
     table = Table(show_edge=False, pad_edge=False, title="Found", title_justify="left")
     for column, justify in (
         ("#", "right"),
