@@ -148,3 +148,18 @@ def test_an_unreadable_or_newer_manifest_is_never_replaced(tmp_path: Path) -> No
     assert manifest.record_prune(tmp_path, {"files": 1}) is None
     assert path.read_bytes() == later and not list(tmp_path.glob("*.corrupt-*"))
     assert "newer vggtctl" in (manifest.load(tmp_path).problem or "")
+
+
+def test_temp_files_of_writers_that_died_are_removed_an_hour_later(tmp_path: Path) -> None:
+    import time
+
+    old = tmp_path / "vggt_cache_manifest.json.tmp-123-deadbeef"
+    young = tmp_path / "vggt_cache_manifest.json.tmp-124-cafef00d"
+    lookalike = tmp_path / "vggt_cache_manifest.json.tmp-notes"
+    for path in (old, young, lookalike):
+        path.write_text("{")
+    hour_ago = time.time() - 2 * 3600
+    for path in (old, lookalike):
+        os.utime(path, (hour_ago, hour_ago))
+    assert manifest.record_prune(tmp_path, {"files": 1}) is not None
+    assert not old.exists() and young.exists() and lookalike.exists()

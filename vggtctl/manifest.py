@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -250,6 +251,22 @@ def _stamp(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 _UPDATE_TRIES = 5
+_STALE_TEMP_S = 3600  # a writer holds its temp file for milliseconds
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files of writers that died between write and replace: ours by name, an hour old."""
+    folder, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.tmp-[0-9]+-[0-9a-f]{8}", re.ASCII)
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder or "."):
+            if pattern.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TEMP_S and entry.is_file(
+                        follow_symlinks=False
+                    ):
+                        os.unlink(entry.path)
 
 
 def _update(root: str | os.PathLike[str], change: Any) -> Manifest | None:
@@ -281,6 +298,7 @@ def _update(root: str | os.PathLike[str], change: Any) -> Manifest | None:
                 manifest.updated = time.time()
                 manifest.problem = None
                 if _write(manifest, expect=read_as):
+                    _remove_stale_temps(manifest.path)
                     return manifest
             log.warning(
                 "%s: changed by other processes %d times while updating; not updated",
