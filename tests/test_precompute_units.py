@@ -789,6 +789,25 @@ def test_out_of_memory_under_a_padded_shape_lowers_the_shape(tmp_path, _unfreeze
     assert failed == [] and rows == [8, 4, 4, 4] and pipeline.pad_to == 4
 
 
+def test_after_running_out_of_memory_later_batches_of_that_shape_are_split_before_launch(tmp_path, _unfreeze):
+    sink = _RowSink()
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 8, thread=False)
+    rows = []
+
+    def encode_frames(x):
+        rows.append(len(x))
+        if len(x) > 4:  # the GPU holds 4 rows
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x.flatten(1)
+
+    pipeline.encoder.encode_frames = encode_frames
+    pipeline.submit(samples)
+    pipeline.submit(samples)  # the same shape again: no second failed attempt
+    pipeline.flush()
+    pipeline.stop()
+    assert failed == [] and rows == [8, 4, 4, 4, 4] and pipeline.halved == 1
+
+
 def test_the_pinned_pool_is_warmed_with_what_the_loop_holds_at_most(tmp_path, monkeypatch, _unfreeze):
     """CUDA only (faked here): two staging blocks and four feature blocks, pinned, then freed;
     on the CPU nothing is allocated; a failing allocation is only a lost head start."""

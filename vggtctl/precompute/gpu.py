@@ -62,6 +62,9 @@ class GpuPipeline:
         self.item_done = item_done
         self.pending: tuple[Any, torch.Tensor, list[Prepared]] | None = None
         self.halved = 0  # batches split after running out of memory
+        # rows a batch of this shape may have, learnt from an out-of-memory error: later batches
+        # of that shape are split before they are launched, not after failing once each
+        self.max_rows: dict[Any, int] = {}
         self.pad_to: int | None = None
         self.launches = 0
         self.copy_streams = _CopyStreams(device) if device.type == "cuda" else None
@@ -70,6 +73,11 @@ class GpuPipeline:
         self._handoff = _HandoffThread(self._hand_off, device) if threaded else None
 
     def submit(self, batch: list[Prepared]) -> None:
+        limit = self.max_rows.get(_shape_of(batch))
+        if limit is not None and len(batch) > limit:
+            for start in range(0, len(batch), limit):
+                self.submit(batch[start : start + limit])
+            return
         if self._handoff is not None:
             # a failed handoff (a CUDA fault) stops the run here, before more work is launched
             # whose rows nobody would hand off
@@ -85,6 +93,7 @@ class GpuPipeline:
                 # a batch of long sequences may not fit where shorter ones did: halve and retry
                 self.halved += 1
                 half = len(batch) // 2
+                self.max_rows[_shape_of(batch)] = half
                 if self.pad_to:  # padded back to full size, the halves would not fit either
                     self.pad_to = half  # the compiled shape for the rest of the run
                 self.submit(batch[:half])
@@ -162,6 +171,10 @@ class GpuPipeline:
                 return None, self._encode(staging, frame_index)[: len(batch)], batch
         with self.clock("launch"):
             pixels = self.copy_streams.upload(staging, self.device)
+            if frame_index is not None:
+                # pinned, on the copy stream: the model's own .to(device) of a pageable index
+                # would wait for the whole compute stream, one batch ahead at most
+                frame_index = self.copy_streams.upload(frame_index, self.device)
             feats = self._encode(pixels, frame_index)[: len(batch)]
             event, host = self.copy_streams.download(feats)
         return event, host, batch
@@ -284,9 +297,14 @@ class _CopyStreams:
         with torch.cuda.stream(self.down):
             host.copy_(feats, non_blocking=True)
         feats.record_stream(self.down)  # not reused by the compute stream before it is copied
-        copied = torch.cuda.Event()
+        copied = torch.cuda.Event(blocking=True)  # the handoff thread sleeps on it, no spinning
         copied.record(self.down)
         return copied, host
+
+
+def _shape_of(batch: list[Any]) -> Any:
+    """The batch's input shape (what decides its memory), None where samples do not say."""
+    return getattr(batch[0], "batch_key", None) if batch else None
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -307,7 +325,7 @@ def _distinct_frames(
     slots: dict[tuple[str, int, int], int] = {}
     sources: list[torch.Tensor] = []
     steps = len(batch[0].pixels)
-    index = torch.zeros((rows, steps), dtype=torch.long)
+    index = torch.zeros((rows, steps), dtype=torch.long, pin_memory=pin)
     for row, sample in enumerate(batch):
         for step, frame_id in enumerate(sample.frame_ids):
             slot = slots.get(frame_id)
