@@ -768,19 +768,25 @@ def test_stop_hands_off_the_inline_pending_batch(tmp_path, _unfreeze):
     assert len(sink.rows) == 4 and failed == []
 
 
-def test_out_of_memory_under_a_padded_shape_lowers_the_shape(tmp_path, _unfreeze):
-    """--compile pads every batch to one shape; halves padded back to it would not fit either."""
-    sink = _RowSink()
-    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 8, thread=False)
-    rows = []
+def _pipeline_on_a_gpu_of_4_rows(tmp_path):  # type: ignore[no-untyped-def]
+    """A CPU pipeline of 8 samples whose encoder runs out of memory above 4 rows; `rows` logs
+    every forward's row count."""
+    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, _RowSink(), 8, thread=False)
+    rows: list[int] = []
 
-    def encode_frames(x):
+    def encode_frames(x):  # type: ignore[no-untyped-def]
         rows.append(len(x))
-        if len(x) > 4:  # the GPU holds 4 rows
+        if len(x) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return x.flatten(1)
 
     pipeline.encoder.encode_frames = encode_frames
+    return pipeline, samples, failed, rows
+
+
+def test_out_of_memory_under_a_padded_shape_lowers_the_shape(tmp_path, _unfreeze):
+    """--compile pads every batch to one shape; halves padded back to it would not fit either."""
+    pipeline, samples, failed, rows = _pipeline_on_a_gpu_of_4_rows(tmp_path)
     pipeline.pad_to = 8
     pipeline.submit(samples)
     pipeline.submit(samples[:1])  # later batches are padded to the new shape
@@ -790,17 +796,7 @@ def test_out_of_memory_under_a_padded_shape_lowers_the_shape(tmp_path, _unfreeze
 
 
 def test_after_running_out_of_memory_later_batches_of_that_shape_are_split_before_launch(tmp_path, _unfreeze):
-    sink = _RowSink()
-    pipeline, samples, failed, _done = _gpu_pipeline(tmp_path, sink, 8, thread=False)
-    rows = []
-
-    def encode_frames(x):
-        rows.append(len(x))
-        if len(x) > 4:  # the GPU holds 4 rows
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return x.flatten(1)
-
-    pipeline.encoder.encode_frames = encode_frames
+    pipeline, samples, failed, rows = _pipeline_on_a_gpu_of_4_rows(tmp_path)
     pipeline.submit(samples)
     pipeline.submit(samples)  # the same shape again: no second failed attempt
     pipeline.flush()
