@@ -166,6 +166,11 @@ def test_deep_splits_cached_into_verdicts(app, make_tree, checkpoint: Path) -> N
     images = len(tree.images) + 1  # + the history frame of the context-mismatch item
     assert doc["totals"]["images"] == images
     assert doc["footer"]["todo_items"] == images - valid
+    totals = doc["totals"]  # the same fields as a row, verdicts summed over every row
+    summed: Counter = Counter()
+    for row in rows.values():
+        summed.update(row["verdicts"])
+    assert totals["verdicts"] == dict(summed) and 0 <= totals["valid_coverage"] <= 1
 
 
 def test_plain_table_for_pipes(app, tree: Path) -> None:

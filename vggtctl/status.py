@@ -138,7 +138,11 @@ class StatusReport:
             "rows_total": self.rows_total,
             "rows_shown": len(self.rows),
             "rows": [row.to_json() for row in self.rows],
-            "totals": self.total.to_dict(),
+            # with --deep, the totals carry the verdict counts too: "same fields as a row"
+            "totals": StatusRow(
+                self.total,
+                None if self.deep is None else {v: int(d["count"]) for v, d in self.deep.verdicts.items()},
+            ).to_json(),
             "footer": self.footer.to_json(),
             "unreadable": list(self.unreadable),
             "symlinked_dirs": list(self.symlinked_dirs),
