@@ -192,6 +192,18 @@ def test_plain_deep_header_names_one_column_per_word(app, tree: Path) -> None:
     assert result.stdout.splitlines()[0].split()[:4] == ["folder", "images", "cached", "coverage(valid)"]
 
 
+def test_a_folder_name_that_is_not_utf8_is_shown_with_its_bytes(app, tmp_path: Path) -> None:
+    folder = tmp_path / os.fsdecode(b"ep_\xff")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (folder / "a.jpg").write_bytes(b"x")
+    result = CliRunner().invoke(app, ["status", str(tmp_path)], env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "ep_\\xff" in result.stdout and "\ufffd" not in result.stdout
+
+
 def test_installed_executable(tree: Path, vggtctl_exe) -> None:
     proc = vggtctl_exe("status", str(tree), "--json")
     assert proc.returncode == 0, proc.stderr

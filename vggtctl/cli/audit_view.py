@@ -19,6 +19,7 @@ from rich.table import Table
 from vggtctl.audit import AuditReport, HistoryRule, audit
 from vggtctl.cli import render
 from vggtctl.sidecar import Expectation, Verdict
+from vggtctl.wording import shown
 
 
 def progress_bar(description: str, *, enabled: bool = True) -> Progress:
@@ -58,7 +59,7 @@ def run_audit(
 
 def shown_path(root: str, path: str) -> str:
     rel = os.path.relpath(path, root)
-    return path if rel.startswith("..") else rel
+    return shown(path if rel.startswith("..") else rel)
 
 
 def verdict_table(report: AuditReport, *, examples: int = 5) -> Table:

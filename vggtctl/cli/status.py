@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from vggtctl.errors import EXIT_PARTIAL, ConfigError
+from vggtctl.wording import shown
 
 if TYPE_CHECKING:
     from vggtctl.status import StatusReport
@@ -236,7 +237,7 @@ def status_table(report: StatusReport, *, plain: bool, hide: Sequence[str] = ())
         # With --deep, coverage counts only what training can use: valid sidecars.
         covered = (verdicts or {}).get("valid", 0) if deep else stats.cached
         row: dict[str, object] = {
-            "folder": Text(stats.name),
+            "folder": Text(shown(stats.name)),
             "images": f"{stats.images:,}",
             "cached": f"{stats.cached:,}",
             "coverage": _coverage_cell(covered, stats.images, plain or "bar" in hide),

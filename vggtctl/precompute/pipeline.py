@@ -63,6 +63,7 @@ from vggtctl.precompute.planning import (
 from vggtctl.rankprogress import RankAggregator, final_counts, remove_run_dir, run_dir
 from vggtctl.reporter import Reporter
 from vggtctl.sidecar import Verdict
+from vggtctl.wording import shown
 from vggtctl.writer import DISK_FULL_ERRNOS, DiskFullSkipped, SidecarWriter
 
 # --------------------------------------------------------------------------- the run
@@ -176,7 +177,7 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
             for line in settings_notice(changes, opts.limit is not None) + catalog_notices(
                 catalog, opts.root, items
             ):
-                reporter.message(line)
+                reporter.message(shown(line))
         if opts.dry_run:
             if grouped:
                 _merge_plans(outcome, info)
