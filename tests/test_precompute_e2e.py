@@ -230,6 +230,17 @@ def test_precompute_fails_the_items_of_a_dangling_frame_and_keeps_their_sidecars
     assert run(opts(root, max_history=2)).encoded == 0
 
 
+def test_a_rerun_without_max_history_resumes_with_the_roots(tmp_path):
+    """The default 8 over a root cached with 3 would re-encode everything and make 8 current."""
+    episodes_tree(tmp_path, episodes=1, steps=5)
+    run(opts(tmp_path, max_history=3))
+    again = _invoke(str(tmp_path), "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["encoded"] == 0 and "settings differ" not in again.stderr
+    other = _invoke(str(tmp_path), "--max-history", "8", "--dry-run")
+    assert "max_history 3 -> 8" in other.stderr  # named explicitly: announced, as before
+
+
 def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     """A wrong --layout (or an empty annotation file) must not turn every sidecar into
     `model-changed` for verify and prune: the run is recorded, its key does not become current."""

@@ -41,6 +41,20 @@ def resolve_root(argument: Path | None) -> Path:
     return resolve_data_root(argument)
 
 
+DEFAULT_MAX_HISTORY = 8
+
+
+def _recorded_max_history(root: Path) -> int:
+    """The root's current max_history (its settings use the episodes layout), else 8."""
+    from vggtctl import manifest
+
+    settings = manifest.load(root).last_run_settings() or {}
+    value = settings.get("max_history")
+    if settings.get("layout") == "episodes" and type(value) is int and value >= 0:
+        return value
+    return DEFAULT_MAX_HISTORY
+
+
 def options_from(root: Path, flags: Mapping[str, Any], config: Mapping[str, Any]) -> PrecomputeOptions:
     """Every option of the run; `flags` holds the command line's values (None: not given)."""
 
@@ -78,7 +92,9 @@ def options_from(root: Path, flags: Mapping[str, Any], config: Mapping[str, Any]
         # absolute: the manifest keeps them for verify --recompute and train, run from anywhere
         annotations=[str(_absolute(as_path(annotations, name))) for name in files],
         data_path=str(_absolute(as_path(data_path))) if data_path.value not in (None, "") else None,
-        max_history=whole("max_history", 8, minimum=0) or 0,
+        # a rerun that names no history resumes with the root's (as train reads it): the default
+        # 8 over a root cached with another value would re-encode every item, and make it current
+        max_history=whole("max_history", _recorded_max_history(root), minimum=0) or 0,
         context=text("context", "auto") or "auto",
         evict_start=whole("evict_start", minimum=0),
         evict_recent=whole("evict_recent", minimum=0),
