@@ -126,3 +126,28 @@ def deny(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "scandir", fake_scandir)
+
+
+def wrapped_scandir(wrap):  # type: ignore[no-untyped-def]
+    """A stand-in for `os.scandir` (monkeypatch it in) whose entries are `wrap(entry, folder)`:
+    for tests that watch or break the stat calls a listing makes. Takes a path or a folder fd."""
+    real_scandir = os.scandir
+
+    class Listing:
+        def __init__(self, target) -> None:  # type: ignore[no-untyped-def]
+            if isinstance(target, int):  # scandir(fd): recover the folder's name
+                self.folder = os.readlink(f"/proc/self/fd/{target}")
+            else:
+                self.folder = os.fspath(target)
+            self._it = real_scandir(target)
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+            self._it.close()
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return (wrap(entry, self.folder) for entry in self._it)
+
+    return Listing

@@ -125,25 +125,8 @@ def _log(log: str, line: str) -> None:
 
 
 def _count_stats(monkeypatch: pytest.MonkeyPatch, log: str) -> None:
-    real_scandir, real_stat, real_lstat = os.scandir, os.stat, os.lstat
-
-    class Listing:
-        def __init__(self, target) -> None:  # type: ignore[no-untyped-def]
-            if isinstance(target, int):  # scandir(fd): recover the folder's name
-                self.folder = os.readlink(f"/proc/self/fd/{target}")
-            else:
-                self.folder = os.fspath(target)
-            self._it = real_scandir(target)
-
-        def __enter__(self):  # type: ignore[no-untyped-def]
-            return self
-
-        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
-            self._it.close()
-
-        def __iter__(self):  # type: ignore[no-untyped-def]
-            for entry in self._it:
-                yield _CountingEntry(entry, self.folder, log)
+    real_stat, real_lstat = os.stat, os.lstat
+    listing = scantree.wrapped_scandir(lambda entry, folder: _CountingEntry(entry, folder, log))
 
     def stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         _log(log, os.fspath(path))
@@ -153,7 +136,7 @@ def _count_stats(monkeypatch: pytest.MonkeyPatch, log: str) -> None:
         _log(log, os.fspath(path))
         return real_lstat(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", Listing)
+    monkeypatch.setattr(os, "scandir", listing)
     monkeypatch.setattr(os, "stat", stat)
     monkeypatch.setattr(os, "lstat", lstat)
 

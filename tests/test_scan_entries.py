@@ -60,10 +60,9 @@ def test_other_stat_errors_are_per_entry_too(tmp_path: Path, monkeypatch) -> Non
     ep = tmp_path / "ep"
     for i in range(5):
         scantree.write(ep / f"img{i}.jpg", 10)
-    real_scandir = os.scandir
 
     class Entry:
-        def __init__(self, entry: os.DirEntry) -> None:
+        def __init__(self, entry: os.DirEntry, _folder: str) -> None:
             self._entry, self.name, self.path = entry, entry.name, entry.path
 
         def is_dir(self, *, follow_symlinks: bool = True) -> bool:
@@ -77,20 +76,7 @@ def test_other_stat_errors_are_per_entry_too(tmp_path: Path, monkeypatch) -> Non
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return self._entry.stat(follow_symlinks=follow_symlinks)
 
-    class Listing:
-        def __init__(self, target) -> None:  # type: ignore[no-untyped-def]
-            self._it = real_scandir(target)
-
-        def __enter__(self):  # type: ignore[no-untyped-def]
-            return self
-
-        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
-            self._it.close()
-
-        def __iter__(self):  # type: ignore[no-untyped-def]
-            return (Entry(e) for e in self._it)
-
-    monkeypatch.setattr(os, "scandir", Listing)
+    monkeypatch.setattr(os, "scandir", scantree.wrapped_scandir(Entry))
     listing = scan.list_dir(str(ep))
     assert sorted(listing.images) == ["img0.jpg", "img1.jpg", "img3.jpg", "img4.jpg"]
     assert listing.error is None
