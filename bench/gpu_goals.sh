@@ -19,7 +19,8 @@
 #              memory, uint8 pixels (now) against float32 (before), with the host's workers
 # Outputs in $OUT: env.txt, forward.{json,log}, sdpa_choice.txt, precompute.{json,log},
 # gpu_util_precompute.csv, shared.log, staging.{json,log}, status.txt. Exits 1 when a step failed or was skipped.
-# SUITE_SECONDS (default 420) caps the whole script.
+# SUITE_SECONDS (default 420) caps the whole script; STEPS picks steps and their order (default
+# "forward precompute shared staging"; precompute uses sdpa auto when forward has not run).
 
 set -u -o pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/suite_lib.sh"
@@ -40,10 +41,14 @@ fi
 echo "== env"
 env_info 2>&1 | tee "$OUT/env.txt"
 
-step forward 170 "$PY" bench/forward_gpu.py "${FORWARD_ARGS[@]}" --sdpa auto,cudnn --attn-bench \
-    --time-budget 150 --out "$OUT/forward.json"
+run_forward() {
+    step forward 170 "$PY" bench/forward_gpu.py "${FORWARD_ARGS[@]}" --sdpa auto,cudnn --attn-bench \
+        --time-budget 150 --out "$OUT/forward.json"
+}
 
-SDPA=$("$PY" - "$OUT/forward.json" <<'PICK' 2>>"$OUT/status.txt"
+# the kernel preference for precompute: auto unless forward ran first and found cuDNN faster
+pick_sdpa() {
+    "$PY" - "$OUT/forward.json" <<'PICK' 2>>"$OUT/status.txt"
 import json, sys
 try:
     result = json.load(open(sys.argv[1]))
@@ -54,18 +59,33 @@ sound = {p["sdpa"] for p in result["parity"] if (p.get("cosine") or 0) > 0.999}
 rate = {r["sdpa"]: r["images_per_s"] or 0 for r in result["rows"] if r["kind"] == "forward"}
 print("cudnn" if "cudnn" in sound and rate.get("cudnn", 0) > 1.01 * rate.get("auto", 0) else "auto")
 PICK
-)
-echo "== pick: sdpa $SDPA" | tee "$OUT/sdpa_choice.txt"
+}
 
-smi_start "$OUT/gpu_util_precompute.csv"
-step precompute 280 "$PY" bench/precompute_gpu.py "${PRECOMPUTE_ARGS[@]}" --sdpa "$SDPA" \
-    --workdir "$WORK" --out "$OUT/precompute.json"
-smi_stop
-rmdir "$WORK" 2>/dev/null
+run_precompute() {
+    local sdpa
+    sdpa=$(pick_sdpa)
+    echo "== pick: sdpa $sdpa" | tee "$OUT/sdpa_choice.txt"
+    smi_start "$OUT/gpu_util_precompute.csv"
+    step precompute 280 "$PY" bench/precompute_gpu.py "${PRECOMPUTE_ARGS[@]}" --sdpa "$sdpa" \
+        --workdir "$WORK" --out "$OUT/precompute.json"
+    smi_stop
+    rmdir "$WORK" 2>/dev/null
+}
 
-step shared 60 "$PY" bench/shared_frames.py "${SHARED_ARGS[@]}"
+run_shared() {
+    step shared 60 "$PY" bench/shared_frames.py "${SHARED_ARGS[@]}"
+}
 
-step staging 60 "$PY" bench/staging.py "${STAGING_ARGS[@]}" --out "$OUT/staging.json"
+run_staging() {
+    step staging 60 "$PY" bench/staging.py "${STAGING_ARGS[@]}" --out "$OUT/staging.json"
+}
+
+for name in ${STEPS:-forward precompute shared staging}; do
+    case $name in
+        forward | precompute | shared | staging) "run_$name" ;;
+        *) echo "== $name: unknown step" | tee -a "$OUT/status.txt" ;;
+    esac
+done
 
 echo "== done in ${SECONDS}s; step exit codes:"
 cat "$OUT/status.txt"
