@@ -914,3 +914,18 @@ def test_rank_0s_catalog_error_stops_every_rank_with_its_message(tmp_path, monke
     with pytest.raises(ConfigError, match="reported by rank 0") as rank1:
         pipeline_mod.shared_catalog(bad, DistInfo(1, 2, 1, 2))
     assert str(rank0.value) in str(rank1.value)
+
+
+def test_item_dataset_imports_the_grid_step_before_the_workers_fork(tmp_path):
+    """Built in the main process, the dataset imports transformers' smart_resize there, so the
+    forked decode workers inherit it instead of each importing it on its first image."""
+    from vggtctl.precompute import ItemDataset
+    from vggtctl.preprocess import get_preset, qwen
+
+    items, key = _six_step_episode(tmp_path)
+    qwen.smart_resize_fn.cache_clear()
+    ItemDataset(items, get_preset("janusvln"), key)
+    assert qwen.smart_resize_fn.cache_info().currsize == 1
+    qwen.smart_resize_fn.cache_clear()
+    ItemDataset(items, get_preset("vggt-pad-518"), key)  # no grid step: nothing to import
+    assert qwen.smart_resize_fn.cache_info().currsize == 0

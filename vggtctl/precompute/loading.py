@@ -78,6 +78,9 @@ class ItemDataset(Dataset):
         self.frame_cache = frame_cache
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._stats: OrderedDict[str, os.stat_result] = OrderedDict()
+        import_dependencies = getattr(preset, "import_dependencies", None)
+        if import_dependencies is not None:  # before the workers fork: they inherit the modules
+            import_dependencies()
 
     def _stat(self, path: str, fresh: bool) -> os.stat_result | None:
         st = None if fresh else self._stats.get(path)
