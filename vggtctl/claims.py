@@ -5,11 +5,12 @@ Items are cut into fixed chunks of the full catalog order, so every process sees
 chunks. A process claims a chunk by creating `<root>/.vggtctl/claims/<chunk>.claim` with
 O_CREAT|O_EXCL (atomic on local disks and NFSv3+), encodes it, and removes the claim.
 
-A claim records who holds it: host name, pid namespace, pid and the pid's start time. A claim
-is taken over when its owner is provably dead (same host and pid namespace, and the pid is gone
-or now belongs to a process that started later: pids repeat, in containers especially), or when
-its mtime is older than the TTL (owners on other hosts cannot be asked; a live owner refreshes
-the mtime of its claims with `heartbeat`). So a killed run never blocks a rerun for long.
+A claim records who holds it: host name, kernel boot id, pid namespace, pid and the pid's start
+time. A claim is taken over when its owner is provably dead (same host, boot and pid namespace,
+and the pid is gone or now belongs to a process that started later: pids repeat, in containers
+especially), or when its mtime is older than the TTL (owners on other hosts cannot be asked; a
+live owner refreshes the mtime of its claims with `heartbeat`). So a killed run never blocks a
+rerun for long.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def chunk_id(key_fingerprint: str, first_item: str, index: int, size: int = 64) 
 def _pid_namespace() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """The running kernel's boot id (Linux), None where there is none.
+
+    Host name and pid namespace alone do not tell cloned VMs or containers from one image apart:
+    both often report the same host name, and pid namespace inode numbers repeat across kernels
+    (the initial namespace has the same one everywhere). Such a twin would look a live owner's
+    pid up in its own process table and take a live claim over. The boot id is random per kernel
+    boot, and a pid namespace's inode is unique within one running kernel, so (boot id, pid
+    namespace) names one process table; containers on one kernel share the boot id and differ
+    in the namespace. /etc/machine-id was not chosen, nor combined: cloned VM images and
+    containers often share it (it is written once, into the image), so it does not separate the
+    twins this is for, and it adds nothing where the boot ids differ. Claims written without a
+    boot id (older versions, or a side that cannot read it) are judged as before.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip() or None
     except OSError:
         return None
 
@@ -123,6 +145,7 @@ class ClaimBook:
         self.pid = os.getpid()
         self.owner = {
             "host": self.host,
+            "boot_id": _boot_id(),
             "pidns": _pid_namespace(),
             "pid": self.pid,
             "start": process_start(self.pid),
@@ -172,6 +195,9 @@ class ClaimBook:
         if age_s > self.ttl_s:
             return True
         same_process_space = owner.get("host") == self.host and owner.get("pidns") == self.owner["pidns"]
+        boot, our_boot = owner.get("boot_id"), self.owner["boot_id"]
+        if boot is not None and our_boot is not None and boot != our_boot:
+            same_process_space = False  # a twin host (clone, container from one image)
         pid = owner.get("pid")
         if not same_process_space or not isinstance(pid, int):
             return False  # another host (or an unreadable claim being written): only the TTL decides
