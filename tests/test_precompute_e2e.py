@@ -251,7 +251,7 @@ def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
     empty.write_text("")
     for wrong in (["--layout", "episodes"], ["--annotations", str(empty), "--context", "none"]):
         result = _invoke(str(tmp_path), *wrong)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 2, result.output
         assert manifest.load(tmp_path).current_key == _key(first)
     doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
     assert {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]} == {"valid": len(images)}
@@ -305,7 +305,7 @@ def test_the_settings_note_only_when_the_run_would_change_what_counts(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     nothing = _invoke(str(tmp_path), "--annotations", str(empty), "--context", "none", "--dry-run")
-    assert nothing.exit_code == 0 and "settings differ" not in nothing.stderr
+    assert nothing.exit_code == 2 and "settings differ" not in nothing.stderr
     changed = _invoke(str(tmp_path), "--annotations", str(ann), "--context", "none", "--dry-run")
     assert "note: these settings differ from the root's current ones (" in changed.stderr
     assert "context sequence -> none" in changed.stderr  # and attention full instead of causal
@@ -539,11 +539,14 @@ def test_a_ctrl_c_once_the_run_is_recorded_does_not_change_the_exit_code(tmp_pat
     assert (doc["interrupted"], doc["encoded"]) == (False, len(images))
 
 
-def test_empty_root_says_so(tmp_path):
-    result = _invoke(str(tmp_path), "--json")
-    assert result.exit_code == 0
-    assert json.loads(result.stdout)["plan"]["items"] == 0
-    assert "no items found" in result.stderr
+def test_empty_root_says_so_and_exits_2(tmp_path):
+    """An empty root (a typo, an unmounted share) is not a run that succeeded: exit 2, like any
+    configuration error, with the JSON document still on stdout; also for --dry-run."""
+    for extra in ([], ["--dry-run"]):
+        result = _invoke(str(tmp_path), "--json", *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert json.loads(result.stdout)["plan"]["items"] == 0
+        assert "error: no items found" in result.stderr
 
 
 BAD_OPTIONS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,7 @@ def test_the_cli_reports_a_broken_toml_and_takes_root_from_the_environment(tmp_p
 
     data = tmp_path / "data"
     data.mkdir()
+    _one_image(data)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -120,9 +122,17 @@ def test_a_misspelled_setting_is_warned_about(tmp_path, monkeypatch):
     from vggtctl.cli.app import app
 
     monkeypatch.chdir(tmp_path)
+    _one_image(tmp_path)
     (tmp_path / "vggtctl.toml").write_text("max_hisotry = 3\n")
     args = ["precompute", str(tmp_path), "--vggt-model", "tiny-random", "--device", "cpu", "--dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     warning = f"warning: {tmp_path / 'vggtctl.toml'}: unknown setting(s) ignored: max_hisotry"
     assert warning in result.stderr.splitlines()
+
+
+def _one_image(folder: Path) -> None:
+    """A root with one item: a root with none is an error of its own (exit 2)."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (120, 30, 200)).save(folder / "one.jpg")

@@ -363,7 +363,11 @@ def _interrupted_before_encoding(as_json: bool, info: DistInfo) -> NoReturn:
 
 def exit_code(outcome: Outcome) -> int:
     """0 when every item this run took on has a sidecar now, 3 (partial) otherwise; also 3 when
-    folders could not be read (their images were never seen, so they cannot be covered)."""
+    folders could not be read (their images were never seen, so they cannot be covered). 2 when
+    the root holds no items at all: a wrong root, layout or annotation file, or an unmounted
+    share, which a scheduled run must not report as done."""
+    if outcome.plan.items == 0:
+        return EXIT_USAGE
     if outcome.disk_full or outcome.verify_problems or outcome.failed or outcome.plan.unreadable_folders:
         return EXIT_PARTIAL
     return 0
@@ -372,7 +376,7 @@ def exit_code(outcome: Outcome) -> int:
 def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
     if outcome.plan.items == 0:
         render.err.print(
-            f"no items found under {root} ({outcome.plan.layout}: {outcome.plan.layout_reason})",
+            f"error: no items found under {root} ({outcome.plan.layout}: {outcome.plan.layout_reason})",
             markup=False,
             soft_wrap=True,
         )
