@@ -44,3 +44,26 @@ def test_typos_are_named_command_tables_and_train_env_are_not():
     said.clear()
     settings.warn_unknown_keys({"workers": 2}, said.append)
     assert said == []
+
+
+def test_a_toml_relative_path_is_shown_without_dot_dot_unless_a_symlink_decides(tmp_path, monkeypatch):
+    """`data_root = "../data"` in cfg/vggtctl.toml names tmp/data, and is shown and exported so;
+    through a symlinked folder `..` means the link target's parent, and the path stays as written."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cfg").mkdir()
+    toml = tmp_path / "cfg" / "vggtctl.toml"
+    toml.write_text('data_root = "../data"\n')
+    monkeypatch.chdir(tmp_path / "cfg")
+    monkeypatch.delenv("VGGTCTL_DATA_ROOT", raising=False)
+    assert settings.resolve_data_root(None) == tmp_path / "data"
+
+    elsewhere = tmp_path / "deep" / "cfg"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "deep" / "data").mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    through_link = settings.Setting(
+        "data_root", "../data", "vggtctl.toml", str(tmp_path / "link" / "vggtctl.toml")
+    )
+    path = settings.as_path(through_link)
+    assert path is not None and ".." in path.parts  # tmp/data would be the wrong folder
+    assert path.resolve() == (tmp_path / "deep" / "data").resolve()

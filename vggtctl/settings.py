@@ -235,8 +235,18 @@ def as_path(setting: Setting, text: str | None = None) -> Path | None:
         return None
     path = Path(text).expanduser()
     if setting.origin and not path.is_absolute():
-        path = Path(setting.origin).parent / path
+        path = _tidy(Path(setting.origin).parent / path)
     return path
+
+
+def _tidy(path: Path) -> Path:
+    """`path` without `..` steps where that names the same file (it is shown and exported:
+    `/srv/cfg/../data` reads oddly); kept as it is where a symlink makes `..` mean elsewhere."""
+    tidy = Path(os.path.normpath(path))
+    try:
+        return tidy if tidy == path or os.path.samefile(tidy, path) else path
+    except OSError:  # not there (yet): the caller says so, naming the path as written
+        return path
 
 
 def resolve_data_root(argument: str | os.PathLike[str] | None) -> Path:
