@@ -328,6 +328,8 @@ def test_status_of_an_annotations_root_promises_no_work_precompute_will_not_do(t
     assert "Time to finish" not in shown.stdout and "still to write" not in shown.stdout
     footer = json.loads(CliRunner().invoke(app, ["status", str(tmp_path), "--json"]).stdout)["footer"]
     assert footer["layout"] == "annotations" and footer["eta_seconds"] is None
+    # 3 images have no sidecar, but 0 items are left: the count of images is no count of work
+    assert footer["todo_items"] is None and footer["remaining_cache_bytes"] is None
 
 
 def test_plain_layout_context_none(tmp_path):
@@ -850,3 +852,22 @@ def test_the_threaded_handoff_of_the_gpu_path_writes_every_item(tmp_path, monkey
     assert verdicts(catalog_items(tmp_path, max_history=2), _key(outcome)) == Counter(valid=len(images))
     assert outcome.stage_seconds["handoff"] > 0  # rows went through the handoff
     assert not [t for t in threading.enumerate() if t.name == "vggtctl-handoff"]  # stopped with the run
+
+
+def test_status_names_the_items_the_last_run_failed(tmp_path):
+    """A bad image stays without a sidecar: status counts it as still to do, and says that the
+    last run failed it and where the reason is, until a run no longer fails it."""
+    images = plain_tree(tmp_path)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    first = run(opts(tmp_path))
+    assert (first.encoded, first.failed) == (len(images), 1)
+    shown = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "Failed: 1 item in the last precompute run" in shown.stdout
+    assert "failures.jsonl" in shown.stdout
+    footer = json.loads(CliRunner().invoke(app, ["status", str(tmp_path), "--json"]).stdout)["footer"]
+    assert (footer["last_run_failed"], footer["todo_items"]) == (1, 1)
+    image(bad, 99)  # fixed
+    assert run(opts(tmp_path)).failed == 0
+    shown = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert "Failed:" not in shown.stdout

@@ -64,7 +64,7 @@ class Footer:
     mean_sidecar_bytes: float | None
     projected_cache_bytes: int | None  # mean sidecar size x images: the cache at full coverage
     remaining_cache_bytes: int | None  # what writing the missing ones would add
-    todo_items: int  # images without a (valid, when deep) sidecar
+    todo_items: int | None  # images without a (valid, when deep) sidecar; None: annotations root
     rate: float | None  # items/s of the last precompute run in the manifest
     eta_seconds: float | None
     manifest_problem: str | None = None
@@ -72,6 +72,9 @@ class Footer:
     # so per-image projections (cache at full coverage, time to finish) would promise work that
     # precompute will never do
     layout: str | None = None
+    # items the latest precompute run failed (failures.jsonl says which): they stay without a
+    # sidecar, so they are in todo_items and the time to finish until their images are fixed
+    last_run_failed: int | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -92,6 +95,7 @@ class Footer:
             "eta_seconds": self.eta_seconds,
             "manifest_problem": self.manifest_problem,
             "layout": self.layout,
+            "last_run_failed": self.last_run_failed,
         }
 
 
@@ -179,15 +183,23 @@ def _valid_share(row: StatusRow) -> float:
     return (row.valid or 0) / row.stats.images if row.stats.images else 1.0
 
 
-def _last_run(root: str) -> tuple[float | None, str | None, str | None]:
-    """(items/s of the last precompute run, why the manifest was ignored, the current layout)."""
+def _last_run(root: str) -> tuple[float | None, str | None, str | None, int | None]:
+    """(items/s of the last precompute run, why the manifest was ignored, the current layout,
+    items the latest precompute run failed)."""
     try:
         from vggtctl import manifest
     except ImportError:  # manifest support not installed in this build: no rate yet
-        return None, None, None
+        return None, None, None, None
     loaded = manifest.load(root)
     layout = (loaded.last_run_settings() or {}).get("layout")
-    return loaded.last_rate, getattr(loaded, "problem", None), layout if isinstance(layout, str) else None
+    runs = [run for run in loaded.runs if run.get("kind") == "precompute"]
+    failed = runs[-1].get("failed") if runs else None
+    return (
+        loaded.last_rate,
+        getattr(loaded, "problem", None),
+        layout if isinstance(layout, str) else None,
+        failed if isinstance(failed, int) and not isinstance(failed, bool) and failed >= 0 else None,
+    )
 
 
 def _footer(root: str, total: DirStats, todo: int) -> Footer:
@@ -200,11 +212,12 @@ def _footer(root: str, total: DirStats, todo: int) -> Footer:
     mean = total.sidecar_bytes / sidecars if sidecars else None
     projected = round(mean * total.images) if mean is not None else None
     remaining = round(mean * total.missing) if mean is not None else None
-    rate, problem, layout = _last_run(root)
+    rate, problem, layout, failed = _last_run(root)
     eta = todo / rate if rate else None
     if layout == "annotations":
         projected = remaining = eta = None
-    return Footer(free, fs_total, mean, projected, remaining, todo, rate, eta, problem, layout)
+        return Footer(free, fs_total, mean, projected, remaining, None, rate, eta, problem, layout, failed)
+    return Footer(free, fs_total, mean, projected, remaining, todo, rate, eta, problem, layout, failed)
 
 
 def _deep_summary(report: Any) -> DeepSummary:

@@ -311,6 +311,7 @@ def _coverage_cell(cached: int, images: int, plain: bool):  # -> str | Text
 
 def footer_lines(report: StatusReport) -> list[str]:
     from vggtctl.cli import render
+    from vggtctl.failures import failures_path
     from vggtctl.status import VERDICT_ORDER
 
     foot = report.footer
@@ -338,8 +339,8 @@ def footer_lines(report: StatusReport) -> list[str]:
             f"({render.size(foot.mean_sidecar_bytes or 0)} per sidecar x {render.count(total.images, 'image')}); "
             f"{render.size(foot.remaining_cache_bytes or 0)} still to write{fits}."
         )
-    if foot.layout == "annotations":
-        pass  # said above: the images without sidecars are not the items left
+    if foot.todo_items is None:
+        pass  # annotations root, said above: the images without sidecars are not the items left
     elif foot.todo_items == 0:
         lines.append("Time to finish: nothing left to compute.")
     elif foot.eta_seconds is None:
@@ -351,6 +352,11 @@ def footer_lines(report: StatusReport) -> list[str]:
         lines.append(
             f"Time to finish: ~{render.duration(foot.eta_seconds)} for {foot.todo_items:,} items "
             f"at {foot.rate:,.1f} items/s (last precompute run)."
+        )
+    if foot.last_run_failed:
+        lines.append(
+            f"Failed: {render.count(foot.last_run_failed, 'item')} in the last precompute run "
+            f"(which and why: {shown(str(failures_path(report.root)))}); counted as still to do until fixed."
         )
     if foot.manifest_problem:
         lines.append(f"Note: {foot.manifest_problem}")
