@@ -19,7 +19,8 @@ app = typer.Typer(
         "  vggtctl verify /data/train --quick\n\n"
         "  vggtctl prune --model-changed\n\n"
         "  vggtctl precompute /data/train --vggt-model facebook/VGGT-1B\n\n"
-        "  vggtctl train --nodes 2"
+        "  vggtctl train --nodes 2    (inside a 2-node Slurm allocation; elsewhere add "
+        "--master-addr HOST, and --node-rank 1 on the second node)"
     ),
     no_args_is_help=True,
     add_completion=False,
