@@ -680,7 +680,22 @@ def test_a_symlinked_episode_folder_is_named_not_skipped_silently(tmp_path):
     result = _invoke(str(root), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "episode_linked: a symbolic link to a folder: not followed" in result.stderr
+    as_json = _invoke(str(root), "--dry-run", "--json")  # scripts read stdout only
+    examples = json.loads(as_json.stdout)["plan"]["catalog_problem_examples"]
+    assert [(e["path"], e["line"]) for e in examples] == [(str(root / "episode_linked"), None)]
+    assert "not followed" in examples[0]["reason"]
     assert run(opts(root)).encoded == len(images)  # still only the real folder's
+
+
+def test_json_names_the_first_missing_images_and_counts_the_rest(tmp_path):
+    image(tmp_path / "frames" / "0.jpg", 0)
+    ann = tmp_path / "train.jsonl"
+    lines = [{"images": ["frames/0.jpg"]}] + [{"images": [f"frames/gone{n:02d}.jpg"]} for n in range(25)]
+    ann.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = _invoke(str(tmp_path), "--annotations", str(ann), "--dry-run", "--json")
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["missing_images"] == 25
+    assert plan["missing_image_examples"] == [str(tmp_path / "frames" / f"gone{n:02d}.jpg") for n in range(20)]
 
 
 def test_one_entry_that_cannot_be_read_leaves_out_that_entry_not_the_folder(tmp_path):

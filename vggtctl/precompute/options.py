@@ -84,6 +84,9 @@ class Plan:
     decode_prefetch: int | None = None  # tasks queued per worker
     decode_in_flight_bytes: int = 0  # /dev/shm the decoded items may take (per rank)
     decode_note: str | None = None  # why the workers were cut, if they were
+    # the first catalog problems and missing images, for --json readers (stderr lists them too)
+    catalog_problem_examples: list[dict[str, Any]] = field(default_factory=list)
+    missing_image_examples: list[str] = field(default_factory=list)
 
 
 @dataclass

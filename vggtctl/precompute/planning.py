@@ -197,6 +197,10 @@ def plan_run(
         catalog_problems=len(catalog.problems),
         unreadable_folders=catalog.unreadable_folders,
         input_bytes_per_item=input_bytes_per_item,
+        catalog_problem_examples=[
+            {"path": p.file, "line": p.line, "reason": p.reason} for p in catalog.problems[:EXAMPLES]
+        ],
+        missing_image_examples=list(catalog.missing_images[:EXAMPLES]),
     )
     plan.batch_size = batch_size_for(opts, key, device)
     fit = plan_loader(opts, key, info, plan.batch_size, input_bytes_per_item)
@@ -205,6 +209,7 @@ def plan_run(
     return plan, items, mine, todo, store
 
 
+EXAMPLES = 20  # catalog problems and missing images named in the plan (--json); then counts only
 ARCHIVE_BYTES = 2048  # a sidecar's bytes beyond its features: zip records, pickle, meta (about)
 
 
