@@ -695,7 +695,9 @@ def test_json_names_the_first_missing_images_and_counts_the_rest(tmp_path):
     result = _invoke(str(tmp_path), "--annotations", str(ann), "--dry-run", "--json")
     plan = json.loads(result.stdout)["plan"]
     assert plan["missing_images"] == 25
-    assert plan["missing_image_examples"] == [str(tmp_path / "frames" / f"gone{n:02d}.jpg") for n in range(20)]
+    assert plan["missing_image_examples"] == [
+        str(tmp_path / "frames" / f"gone{n:02d}.jpg") for n in range(20)
+    ]
 
 
 def test_one_entry_that_cannot_be_read_leaves_out_that_entry_not_the_folder(tmp_path):
