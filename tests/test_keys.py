@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 from vggtctl import keys
 from vggtctl.keys import ContextSettings, FeatureKey, ImageKey, ModelKey
@@ -50,6 +51,30 @@ def test_checkpoint_fingerprint_is_memoized_until_the_file_changes(tmp_path, mon
     weights.write_bytes(b"weights-v2!")
     assert keys.checkpoint_fingerprint(weights) == hashlib.sha256(b"weights-v2!").hexdigest()
     assert len(calls) == 2
+
+
+def test_new_weights_with_the_old_size_and_mtime_get_a_new_fingerprint(tmp_path):
+    """`rsync -a`, `cp -p` and reproducible builds carry the old mtime over, and checkpoints of
+    one architecture have one size: the memo must not hand the old weights' hash to new ones."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights-A1")
+    first = keys.checkpoint_fingerprint(weights)
+    old = os.stat(weights)
+
+    staged = tmp_path / ".model.safetensors.partial"  # rsync: a new file renamed over the old
+    staged.write_bytes(b"weights-B2")
+    os.utime(staged, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(staged, weights)
+    assert (os.stat(weights).st_size, os.stat(weights).st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert keys.checkpoint_fingerprint(weights) == hashlib.sha256(b"weights-B2").hexdigest() != first
+
+    before = os.stat(weights)
+    time.sleep(0.05)  # past the file system's coarse timestamp tick, so the rewrite's ctime differs
+    with open(weights, "r+b") as fh:  # cp -p: rewritten in place, same inode, mtime put back
+        fh.write(b"weights-C3")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(weights).st_ino == before.st_ino
+    assert keys.checkpoint_fingerprint(weights) == hashlib.sha256(b"weights-C3").hexdigest()
 
 
 def test_context_signature_depends_on_order_frames_and_settings():

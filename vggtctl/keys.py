@@ -100,13 +100,17 @@ def _fingerprint_cache_file() -> Path:
 
 
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
-    """sha256 of a checkpoint file, memoized by (real path, size, mtime_ns) in the user cache.
+    """sha256 of a checkpoint file, memoized in the user cache by its real path and stat.
 
-    A 5 GB checkpoint is hashed once per change, not once per command.
+    A 5 GB checkpoint is hashed once per change, not once per command. Size and mtime alone do
+    not tell a change: two checkpoints of one architecture have the same size, and `cp -p`,
+    `rsync -a`, `tar x` or a reproducible image build carry the old mtime over, so new weights
+    would keep the old fingerprint and the old cache would pass as valid. The key also holds the
+    inode, the device and the ctime, which no copy can set: any rewrite changes one of them.
     """
     real = os.path.realpath(path)
     st = os.stat(real)
-    memo_key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    memo_key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}|{st.st_ctime_ns}"
     memo_file = _fingerprint_cache_file()
     with _memo_lock:
         memo = _read_memo(memo_file)
