@@ -255,7 +255,7 @@ def test_a_run_that_finds_no_items_leaves_the_current_key_alone(tmp_path):
         assert manifest.load(tmp_path).current_key == _key(first)
     doc = json.loads(CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"]).stdout)
     assert {v: d["count"] for v, d in doc["verdicts"].items() if d["count"]} == {"valid": len(images)}
-    assert len(manifest.load(tmp_path).runs) == 3
+    assert len(manifest.load(tmp_path).runs) == 1  # a run with no items records nothing
 
 
 def test_a_limited_trial_with_other_settings_does_not_become_current(tmp_path):
@@ -263,7 +263,8 @@ def test_a_limited_trial_with_other_settings_does_not_become_current(tmp_path):
     the next prune deletes; without --limit the new settings do become current."""
     images = episodes_tree(tmp_path, episodes=2, steps=3)
     first = run(opts(tmp_path, max_history=2))
-    trial = _invoke(str(tmp_path), "--max-history", "2", "--preset", "vggt-pad-518", "--limit", "1")
+    # another preset and a longer history: verify judges histories by the current run's rule
+    trial = _invoke(str(tmp_path), "--max-history", "3", "--preset", "vggt-pad-518", "--limit", "1")
     assert trial.exit_code == 0 and "this run has --limit, so it is a trial" in trial.stderr
     recorded = manifest.load(tmp_path)
     assert recorded.current_key == _key(first) and len(recorded.runs) == 2
@@ -271,6 +272,10 @@ def test_a_limited_trial_with_other_settings_does_not_become_current(tmp_path):
         "valid": len(images) - 1,
         "preprocess-mismatch": 1,
     }
+    settings = recorded.last_run_settings()
+    assert (settings["preset"], settings["max_history"]) == ("vggt-crop-518", 2)
+    checked = CliRunner().invoke(app, ["verify", str(tmp_path), "--quick", "--json"])
+    assert json.loads(checked.stdout)["verdicts"]["valid"]["count"] == len(images) - 1
     run(opts(tmp_path, max_history=2, preset="vggt-pad-518"))
     assert manifest.load(tmp_path).current_key != _key(first)
 
@@ -541,16 +546,6 @@ def test_a_ctrl_c_once_the_run_is_recorded_does_not_change_the_exit_code(tmp_pat
     assert (doc["interrupted"], doc["encoded"]) == (False, len(images))
 
 
-def test_empty_root_says_so_and_exits_2(tmp_path):
-    """An empty root (a typo, an unmounted share) is not a run that succeeded: exit 2, like any
-    configuration error, with the JSON document still on stdout; also for --dry-run."""
-    for extra in ([], ["--dry-run"]):
-        result = _invoke(str(tmp_path), "--json", *extra)
-        assert result.exit_code == 2, (extra, result.output)
-        assert json.loads(result.stdout)["plan"]["items"] == 0
-        assert "error: no items found" in result.stderr
-
-
 BAD_OPTIONS = [
     (["--dtype", "int8"], "int8"),
     (["--preset", "nope"], "nope"),
@@ -587,6 +582,7 @@ def test_a_check_that_cannot_stat_means_encode(tmp_path, monkeypatch):
     def check(self, item):
         raise PermissionError(errno.EACCES, "Permission denied", item.image)
 
+    image(tmp_path / "x.jpg", 0)  # a root with an item: an empty one is an error of its own
     monkeypatch.setattr(FeatureStore, "check", check)
     key = FeatureKey.from_meta(run(opts(tmp_path, dry_run=True)).feature_key)
     assert needs_encoding(FeatureStore(key), Item.from_paths([tmp_path / "x.jpg"]))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+_log = logging.getLogger("vggtctl")
 
 
 class Reporter:
-    """Progress hooks; the CLI renders them with Rich, the library default is silent."""
+    """Progress hooks; the CLI renders them with Rich. The library default shows no progress,
+    but its messages (settings that differ from the root's, what the catalog left out) go to the
+    `vggtctl` logger as warnings: without logging set up, Python prints those on stderr."""
 
     def start(self, total: int, plan: Any) -> None: ...
 
@@ -15,6 +20,7 @@ class Reporter:
     def update(self, encoded: int, failed: int, nbytes: int) -> None:
         """Absolute counts so far (summed over ranks on rank 0)."""
 
-    def message(self, text: str) -> None: ...
+    def message(self, text: str) -> None:
+        _log.warning("%s", text)
 
     def finish(self) -> None: ...

@@ -363,23 +363,14 @@ def _interrupted_before_encoding(as_json: bool, info: DistInfo) -> NoReturn:
 
 def exit_code(outcome: Outcome) -> int:
     """0 when every item this run took on has a sidecar now, 3 (partial) otherwise; also 3 when
-    folders could not be read (their images were never seen, so they cannot be covered). 2 when
-    the root holds no items at all: a wrong root, layout or annotation file, or an unmounted
-    share, which a scheduled run must not report as done."""
-    if outcome.plan.items == 0:
-        return EXIT_USAGE
+    folders could not be read (their images were never seen, so they cannot be covered). A root
+    with no items at all never gets here: `run` stops it as a usage error (exit 2)."""
     if outcome.disk_full or outcome.verify_problems or outcome.failed or outcome.plan.unreadable_folders:
         return EXIT_PARTIAL
     return 0
 
 
 def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
-    if outcome.plan.items == 0:
-        render.err.print(
-            f"error: no items found under {root} ({outcome.plan.layout}: {outcome.plan.layout_reason})",
-            markup=False,
-            soft_wrap=True,
-        )
     if as_json:
         render.print_json(outcome.to_dict())
     elif dry_run:
@@ -392,6 +383,14 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
         render.err.print(
             f"stopped: the disk is full ({outcome.disk_full}); free space and rerun to resume. "
             "Sidecars already written are complete; nothing partial was left behind.",
+            markup=False,
+            soft_wrap=True,
+        )
+    if outcome.settings_kept and (outcome.interrupted or outcome.disk_full):
+        render.err.print(
+            "note: this run's settings differ from the root's current ones and it did not finish, "
+            "so the current ones stay (verify, status, prune and train still judge by them); a "
+            "rerun with the same settings resumes and makes them current when it completes",
             markup=False,
             soft_wrap=True,
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from vggtctl.errors import ConfigError
 from vggtctl.precompute.options import CHUNK_ITEMS, PrecomputeOptions
+from vggtctl.precompute.planning import recorded_max_history
 from vggtctl.settings import (
     Setting,
     as_bool,
@@ -39,20 +40,6 @@ def resolve_root(argument: Path | None) -> Path:
     if argument is None and not os.environ.get("VGGTCTL_DATA_ROOT") and "data_root" not in find_config():
         raise ConfigError("no data root: pass ROOT, or set VGGTCTL_DATA_ROOT or data_root in vggtctl.toml")
     return resolve_data_root(argument)
-
-
-DEFAULT_MAX_HISTORY = 8
-
-
-def _recorded_max_history(root: Path) -> int:
-    """The root's current max_history (its settings use the episodes layout), else 8."""
-    from vggtctl import manifest
-
-    settings = manifest.load(root).last_run_settings() or {}
-    value = settings.get("max_history")
-    if settings.get("layout") == "episodes" and type(value) is int and value >= 0:
-        return value
-    return DEFAULT_MAX_HISTORY
 
 
 def options_from(root: Path, flags: Mapping[str, Any], config: Mapping[str, Any]) -> PrecomputeOptions:
@@ -94,7 +81,7 @@ def options_from(root: Path, flags: Mapping[str, Any], config: Mapping[str, Any]
         data_path=str(_absolute(as_path(data_path))) if data_path.value not in (None, "") else None,
         # a rerun that names no history resumes with the root's (as train reads it): the default
         # 8 over a root cached with another value would re-encode every item, and make it current
-        max_history=whole("max_history", _recorded_max_history(root), minimum=0) or 0,
+        max_history=whole("max_history", recorded_max_history(root), minimum=0) or 0,
         context=text("context", "auto") or "auto",
         evict_start=whole("evict_start", minimum=0),
         evict_recent=whole("evict_recent", minimum=0),

@@ -24,7 +24,7 @@ class PrecomputeOptions:
     layout: str = "auto"
     annotations: list[str] = field(default_factory=list)
     data_path: str | None = None
-    max_history: int = 8
+    max_history: int | None = None  # None: the root's current one (episodes), else 8
     context: str = "auto"
     evict_start: int | None = None
     evict_recent: int | None = None
@@ -108,6 +108,9 @@ class Outcome:
     feature_key: dict[str, Any] = field(default_factory=dict)
     # seconds of the encode loop per stage (vggtctl.precompute.stages); summed over ranks
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # the run's settings differ from the root's current ones and it did not finish (or was a
+    # --limit trial), so they did not become current
+    settings_kept: bool = False
 
     @property
     def rate(self) -> float:
@@ -116,6 +119,7 @@ class Outcome:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["rate"] = self.rate
+        data["disk_full"] = self.disk_full or None  # as in the manifest: null, not ""
         return data
 
 

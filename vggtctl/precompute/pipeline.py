@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import threading
@@ -10,7 +11,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import DataLoader
@@ -56,6 +57,7 @@ from vggtctl.precompute.planning import (
     input_bytes,
     needs_encoding,
     plan_run,
+    recorded_max_history,
     rewritten_since,
     sidecar_bytes,
     task_items,
@@ -143,6 +145,8 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     if not root.is_dir():
         raise ConfigError(f"{root}: data root is not a folder")
     check_options(opts)
+    if opts.max_history is None:  # a run that names none resumes with the root's
+        opts = dataclasses.replace(opts, max_history=recorded_max_history(root))
     # --force re-encodes what was there when the run began, not what a concurrent run (another
     # --force on a second node, say) wrote for this key since: that is fresh by definition.
     # Taken before the catalog walk and the model load, which can take minutes on 10^7 items.
@@ -150,6 +154,8 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     grouped = init_group(info)
     try:
         catalog = shared_catalog(opts, info)
+        if not catalog.items:
+            _no_items(opts, catalog, info, reporter)
         device = pick_device(opts.device, info, opts.devices)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -170,10 +176,7 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
         if opts.compile and device.type != "cuda" and info.is_main:
             reporter.message("note: --compile applies on a GPU only; this run on the CPU is eager")
         if info.is_main:  # a dry run is where they matter most
-            # a run that finds no items does not become current (see _record_manifest)
-            changes = (
-                changed_settings(opts.root, key, catalog.layout, opts.max_history) if catalog.items else []
-            )
+            changes = changed_settings(opts.root, key, catalog.layout, opts.max_history)
             for line in settings_notice(changes, opts.limit is not None) + catalog_notices(
                 catalog, opts.root, items
             ):
@@ -202,6 +205,19 @@ def run(opts: PrecomputeOptions, reporter: Reporter | None = None) -> Outcome:
     finally:
         if grouped:
             close_group()
+
+
+def _no_items(opts: PrecomputeOptions, catalog: Catalog, info: DistInfo, reporter: Reporter) -> NoReturn:
+    """Stop a run whose catalog is empty before it loads a model or writes anything.
+
+    A wrong root, layout or annotation file, or an unmounted share: a usage error (exit 2), not
+    a finished run, and nothing is recorded (a manifest entry would say the root was processed).
+    What the catalog left out, and why, comes first: it is usually the reason.
+    """
+    if info.is_main:
+        for line in catalog_notices(catalog, opts.root, []):
+            reporter.message(shown(line))
+    raise ConfigError(f"no items found under {opts.root} ({catalog.layout}: {catalog.reason})")
 
 
 def shared_catalog(opts: PrecomputeOptions, info: DistInfo) -> Catalog:
@@ -427,17 +443,23 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
         "disk_full": outcome.disk_full or None,
         "stage_seconds": dict(outcome.stage_seconds),
     }
-    # The key becomes the root's current one only when the run found items for it: a run that
-    # catalogued nothing (a wrong --layout, an empty annotation file) would otherwise make every
-    # existing sidecar "model-changed" for verify and prune.
+    # The key becomes the root's current one only when the run has sidecars for it: a run whose
+    # every item failed (a wrong --layout picking stray images, an unreadable share) would
+    # otherwise make every existing sidecar "model-changed" for verify and prune.
     current = key if outcome.encoded or outcome.plan.already_valid else None
     # A --limit run over a root whose current settings differ is a trial (one image with another
     # preset, say): made current, it would turn every other sidecar into a mismatch, which the
-    # next `prune --all-invalid` deletes. The first run on a root, or one with the same
-    # settings, is recorded as usual.
-    limited = current is not None and opts.limit is not None
-    if limited and changed_settings(opts.root, key, outcome.plan.layout, opts.max_history):
+    # next `prune --all-invalid` deletes. So is a run with other settings that did not finish
+    # (Ctrl-C, a preempted job, a full disk): the likeliest reason to stop a run seconds in is
+    # the wrong checkpoint, and the routine `prune --model-changed` after it would delete the
+    # whole, intended cache. Its rerun resumes and makes the settings current when it finishes.
+    # The first run on a root, or one with the same settings, is recorded as usual.
+    unfinished = opts.limit is not None or outcome.interrupted or bool(outcome.disk_full)
+    if current is not None and unfinished and changed_settings(
+        opts.root, key, outcome.plan.layout, opts.max_history
+    ):
         current = None
+        outcome.settings_kept = True
     with contextlib.suppress(OSError):
         manifest.record_run(opts.root, entry, current)
 

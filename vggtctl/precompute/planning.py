@@ -249,6 +249,25 @@ def input_bytes(decoded: Any | None, frames: int) -> int:
     return decoded.pixels.numel() * decoded.pixels.element_size() * max(1, frames)
 
 
+DEFAULT_MAX_HISTORY = 8
+
+
+def recorded_max_history(root: Any) -> int:
+    """The root's current max_history (where its settings use the episodes layout), else 8.
+
+    What a run that names none resumes with, on the command line and in the library alike: a
+    default of 8 over a root cached with 3 would re-encode every item and make 8 current, and a
+    trainer using 3 would then miss on every sample.
+    """
+    from vggtctl import manifest
+
+    settings = manifest.load(root).last_run_settings() or {}
+    value = settings.get("max_history")
+    if settings.get("layout") == "episodes" and type(value) is int and value >= 0:
+        return value
+    return DEFAULT_MAX_HISTORY
+
+
 def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int | None) -> list[str]:
     """How this run's key and history rule differ from the root's current ones (the manifest's
     latest run); [] when they agree or nothing is recorded. The run's settings become current
