@@ -61,6 +61,17 @@ def test_record_run_sets_current_key_settings_and_rate(tmp_path: Path) -> None:
     assert data["current"]["feature_key"] == tb.FEATURE_KEY.to_meta()
 
 
+def test_last_run_settings_are_those_of_the_current_key_not_a_later_trial(tmp_path: Path) -> None:
+    """A later run that did not become current (a --limit trial) must not lend its settings to
+    verify --recompute and the history rule: prune would then delete the valid sidecars."""
+    manifest.record_run(tmp_path, {"settings": {"preset": "a"}, "items": 8, "seconds": 1.0}, tb.FEATURE_KEY)
+    manifest.record_run(tmp_path, {"settings": {"preset": "b"}, "items": 1, "seconds": 1.0})  # no key
+    m = manifest.load(tmp_path)
+    assert m.current_key == tb.FEATURE_KEY
+    assert m.runs[-1]["settings"] == {"preset": "b"}  # the trial is in the history
+    assert m.last_run_settings() == {"preset": "a"}
+
+
 def test_last_rate_skips_runs_without_one(tmp_path: Path) -> None:
     manifest.record_run(tmp_path, {"rate": 3.0})
     manifest.record_run(tmp_path, {"rate": None, "seconds": 1.0})
