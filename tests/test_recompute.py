@@ -56,13 +56,43 @@ def test_recompute_fails_after_tensor_altered(cached_tree):
 
 
 def test_compare_tolerances():
-    ref = torch.randn(16, 8)
+    ref = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     assert compare(ref, ref.clone(), "float32")[0]
     assert not compare(ref, ref + 0.01, "float32")[0]
     assert not compare(ref, -ref, "bfloat16")[0]
     noisy = ref.bfloat16().float()
     assert compare(noisy, ref, "bfloat16")[0]
-    assert not compare(ref, ref[:8], "float32")[0]
+
+
+def test_compare_catches_a_scaled_tensor_by_its_max_abs_diff_alone():
+    """Same direction (cosine exactly 1), half again as large: only the max-abs check sees it."""
+    ref = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    ok, max_abs, cosine, reason = compare(ref * 1.5, ref, "float32")
+    assert not ok and reason.startswith("max abs diff")
+    assert max_abs == pytest.approx(0.5 * float(ref.abs().max()), rel=1e-6)
+    assert cosine == pytest.approx(1.0, abs=1e-9)
+
+
+def test_compare_catches_noise_within_the_max_abs_bound_by_its_cosine_alone():
+    """Every element moved by 8% of the largest value, in random directions: within bf16's 10%
+    max-abs bound, but the direction of the whole tensor has changed."""
+    ref = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    signs = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).sign()
+    noise = 0.08 * ref.abs().max() * signs
+    stored = ref + noise
+    # the construction, checked here without compare(): max-abs passes, cosine does not
+    assert float((stored - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    a, b = stored.double().flatten(), ref.double().flatten()
+    assert float(a @ b / (a.norm() * b.norm())) < 0.99
+    ok, _, cosine, reason = compare(stored, ref, "bfloat16")
+    assert not ok and reason.startswith("cosine") and cosine < 0.99
+
+
+def test_compare_a_shape_mismatch_is_a_result_not_an_error():
+    ref = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    ok, max_abs, cosine, reason = compare(ref, ref[:8], "float32")
+    assert (ok, max_abs, cosine) == (False, float("inf"), 0.0)
+    assert "shape" in reason and "(16, 8)" in reason and "(8, 8)" in reason
 
 
 def test_recompute_reports_unreadable_features_instead_of_crashing(cached_tree):
