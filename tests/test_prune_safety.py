@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import treebuilder as tb
 
+from vggtctl import prune
 from vggtctl.cli import render
+from vggtctl.sidecar import Verdict
 
 
 def test_picker_asks_again_on_unicode_digits(make_tree, cli_app, runner, monkeypatch) -> None:
@@ -214,3 +216,27 @@ def test_a_root_gone_before_the_delete_is_one_line_not_a_traceback(make_tree, mo
     assert message == [
         f"error: {tree.root}: cannot open the data root to delete (No such file or directory); nothing deleted"
     ]
+
+
+def test_a_folder_link_inside_the_root_is_never_entered(tmp_path: Path) -> None:
+    """ROOT/link -> ROOT/real stays inside the root, so the realpath check lets it through; only
+    opening each folder without following links (O_NOFOLLOW) refuses it, also when a folder is
+    swapped for a link between the scan and the delete."""
+    root = tmp_path / "data"
+    victim = tb.write_sidecar(tb.write_image(root / "real" / "a.jpg"))
+    (root / "real" / "a.jpg").unlink()  # an orphan: prune --orphans would delete it
+    os.symlink("real", root / "link")
+    st = victim.stat()
+    target = prune.PruneTarget(
+        str(root / "link" / victim.name),
+        Verdict.ORPHAN,
+        "orphans",
+        st.st_size,
+        "image is gone",
+        (st.st_ino, st.st_size, st.st_mtime_ns),  # the real file's stamp: the re-check passes
+    )
+    plan = prune.PrunePlan(str(root), (prune.CategoryTotal("orphans", 1, st.st_size),), (target,))
+    result = prune.execute(plan, record=False)
+    assert victim.is_file() and result.deleted == 0
+    assert [path for path, _ in result.failed] == [target.path]
+    assert "'link' is not a real folder" in result.failed[0][1]
