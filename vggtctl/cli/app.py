@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import typer
@@ -51,6 +52,34 @@ for info in app.registered_commands:
     text = info.help or inspect.getdoc(info.callback) or ""
     info.help = reflow(text)
     info.short_help = info.short_help or first_sentence(text)
+
+
+def _usage_error_line(error: Exception) -> None:
+    """A usage error (unknown option, bad value) as one line on stderr, like every other error
+    of the tool, instead of Typer's framed panel: it reaches logs and `grep` whole. Exit code 2
+    stays Click's."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
+        return
+    from vggtctl.cli import render
+
+    ctx = getattr(error, "ctx", None)
+    message = " ".join(str(error.format_message()).split()).replace("Value error, ", "")  # type: ignore[attr-defined]
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    render.err.print(f"error: {where}{message}{hint}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _use_one_line_usage_errors() -> None:
+    """Typer prints Click's usage errors through `rich_utils.rich_format_error`; where this Typer
+    has it, ours takes its place (an older or newer Typer without it keeps its own format)."""
+    with contextlib.suppress(ImportError):
+        from typer import rich_utils
+
+        if hasattr(rich_utils, "rich_format_error"):
+            rich_utils.rich_format_error = _usage_error_line
+
+
+_use_one_line_usage_errors()
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def shown_path(root: str, path: str) -> str:
 
 def verdict_table(report: AuditReport, *, examples: int = 5) -> Table:
     """Verdict | Files | Size | Examples: every verdict found, `valid` always."""
-    table = Table(show_edge=False, pad_edge=False)
+    table = render.table(show_edge=False, pad_edge=False)
     table.add_column("Verdict")
     table.add_column("Files", justify="right")
     table.add_column("Size", justify="right")

@@ -96,9 +96,9 @@ def _plan_table(outcome: Outcome) -> Table:
     from vggtctl.keys import FeatureKey
 
     plan = outcome.plan
-    table = Table(title="precompute plan", show_header=False)
+    table = render.table(title="precompute plan", show_header=False)
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="left" if render.plain() else "right")
     table.add_row("model", _model_label(outcome))
     table.add_row("layout", f"{plan.layout} ({plan.layout_reason})")
     table.add_row("context", FeatureKey.from_meta(outcome.feature_key).context.describe())
@@ -144,9 +144,9 @@ def _model_label(outcome: Outcome) -> str:
 
 
 def _summary_table(outcome: Outcome, root: Path) -> Table:
-    table = Table(title="precompute summary", show_header=False)
+    table = render.table(title="precompute summary", show_header=False)
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="left" if render.plain() else "right")
     table.add_row("model", _model_label(outcome))
     table.add_row("encoded", f"{outcome.encoded:,}")
     table.add_row("already valid", f"{outcome.plan.already_valid:,}")

@@ -193,13 +193,12 @@ def run(
 
 def _print_plan(plan: PrunePlan) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
     from vggtctl.cli import audit_view, render
 
     # what `valid` meant: a smoke test that made other settings current shows up here
     render.out.print(f"Checked against: {escape(plan.expectation)}")
-    table = Table(show_edge=False, pad_edge=False, title=f"Prune plan for {plan.root}", title_justify="left")
+    table = render.table(show_edge=False, pad_edge=False, title=f"Prune plan for {plan.root}", title_justify="left")
     table.add_column("Category")
     table.add_column("Files", justify="right")
     table.add_column("Size", justify="right")
@@ -245,7 +244,6 @@ def _print_plan(plan: PrunePlan) -> None:
 def _ask_categories(report: AuditReport, *, has_model: bool) -> list[str]:
     """Offer the categories found (counts, sizes) and read the choice from the terminal."""
     from rich.prompt import Prompt
-    from rich.table import Table
 
     from vggtctl.cli import render
     from vggtctl.prune import CATEGORY_HELP, found_categories
@@ -258,7 +256,7 @@ def _ask_categories(report: AuditReport, *, has_model: bool) -> list[str]:
         return []
     # what `valid` means, before a category like --model-changed is picked
     render.err.print(f"Checked against: {report.expectation}", markup=False, soft_wrap=True)
-    table = Table(show_edge=False, pad_edge=False, title="Found", title_justify="left")
+    table = render.table(show_edge=False, pad_edge=False, title="Found", title_justify="left")
     for column, justify in (
         ("#", "right"),
         ("Category", "left"),

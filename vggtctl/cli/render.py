@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import humanize
 import typer
@@ -18,6 +18,9 @@ from rich.markup import escape
 
 from vggtctl.errors import EXIT_INTERRUPTED, VggtctlError
 from vggtctl.wording import count as count  # re-exported: commands say render.count
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def _color_allowed() -> bool:
@@ -41,6 +44,21 @@ def _width(stream: Any) -> int | None:
 
 out = Console(no_color=not _color_allowed(), highlight=False, soft_wrap=False, width=_width(sys.stdout))
 err = Console(stderr=True, no_color=not _color_allowed(), highlight=False, width=_width(sys.stderr))
+
+
+def plain() -> bool:
+    """NO_COLOR, or stdout is not a terminal (a pipe, a file, a log): plain output."""
+    return not _color_allowed() or not out.is_terminal
+
+
+def table(**options: Any) -> Table:
+    """A Rich table that is plain text where the output is: no box-drawing characters in a log
+    or a grep, columns separated by spaces; boxed in a terminal."""
+    from rich.table import Table
+
+    if plain():
+        options.update(box=None, show_edge=False, pad_edge=False)
+    return Table(**options)
 
 
 def print_json(document: Any) -> None:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from vggtctl.cli import render
 from vggtctl.errors import EXIT_USAGE
@@ -164,7 +163,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_settings(plan: TrainPlan) -> None:
-    table = Table(title="effective settings", title_justify="left")
+    table = render.table(title="effective settings", title_justify="left")
     table.add_column("setting")
     table.add_column("value", overflow="fold")
     table.add_column("source", style="dim")
@@ -184,7 +183,7 @@ def _launch(plan: TrainPlan, *, dry_run: bool) -> None:
     from vggtctl.launch.preflight import run_preflight
 
     report = run_preflight(plan, dry_run=dry_run)
-    table = Table(title="preflight", title_justify="left")
+    table = render.table(title="preflight", title_justify="left")
     table.add_column("check")
     table.add_column("status")
     table.add_column("detail", overflow="fold")

@@ -1,0 +1,45 @@
+"""Output off a terminal (a pipe, a log, CI): plain tables and one-line usage errors (DESIGN §7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from vggtctl.cli.app import app
+
+BOX_DRAWING = set("─│┃━┏┓┗┛┌┐└┘├┤┬┴┼╇╈╋╭╮╰╯═║")
+
+
+def _tree(root: Path) -> None:
+    for n in range(2):
+        Image.new("RGB", (40, 30), (40 * n, 90, 160)).save(root / f"img{n}.jpg")
+    (root / "gone.jpg.vggt_cache.pt").write_bytes(b"an orphan: its image is gone")
+
+
+def test_tables_off_a_terminal_have_no_box_drawing(tmp_path):
+    _tree(tmp_path)
+    commands = [
+        ["precompute", str(tmp_path), "--vggt-model", "tiny-random", "--device", "cpu", "--dry-run"],
+        ["prune", str(tmp_path), "--orphans", "--dry-run"],
+        ["verify", str(tmp_path), "--quick"],
+    ]
+    for args in commands:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code in (0, 1), (args, result.output)
+        assert result.stdout.strip(), args
+        assert not BOX_DRAWING & set(result.stdout), (args, result.stdout)
+
+
+def test_a_usage_error_is_one_line_naming_the_option(tmp_path):
+    for args, named in (
+        (["status", str(tmp_path), "--sort", "bogus"], "--sort"),
+        (["verify", str(tmp_path), "--quik"], "--quik"),
+        (["precompute", str(tmp_path), "--batch-size", "x"], "--batch-size"),
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert named in result.stderr and "--help" in result.stderr
+        assert not BOX_DRAWING & set(result.stderr)
