@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vggtctl.catalog import Catalog, CatalogProblem, Item, item_frames_for_key, load_catalog
+from vggtctl.catalog.episodes import episode_histories
 from vggtctl.errors import ConfigError
 from vggtctl.keys import ImageKey
 
@@ -107,6 +108,10 @@ def test_duplicate_step_idx_skips_that_episode(tmp_path: Path) -> None:
     assert problem.file == str(bad) and problem.line is None
     assert "step 1" in problem.reason and "step_1_TURN_LEFT.jpg" in problem.reason
     assert cat.episodes == 1
+    # verify and status --deep judge one folder at a time: they must skip the same folders
+    in_catalog = {os.path.basename(i.image): i.frames for i in cat.items}
+    assert episode_histories(str(tmp_path / "good"), os.listdir(tmp_path / "good"), 2) == in_catalog
+    assert episode_histories(str(bad), os.listdir(bad), 2) == {}
 
 
 def test_root_itself_can_be_one_episode(tmp_path: Path) -> None:
