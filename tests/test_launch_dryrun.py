@@ -297,6 +297,32 @@ def test_two_node_script_needs_rank_and_master(tmp_path: Path) -> None:
     assert done.returncode != 0 and "NODE_RANK" in done.stderr
 
 
+def test_two_node_script_defaults_to_the_master_address_it_was_given(tmp_path: Path) -> None:
+    """`--emit-scripts --master-addr A`: A is the script's MASTER_ADDR unless one is exported;
+    without an address named, the script still demands one."""
+    plan = build_plan(
+        TrainOptions(nodes=2, master_addr="10.1.2.3", cache=False),
+        environ={"PATH": os.environ["PATH"]},
+        cuda_devices=0,
+    )
+    _, multi = emit_scripts(plan, tmp_path / "given")
+    text = multi.read_text()
+    assert 'MASTER_ADDR="${MASTER_ADDR:-10.1.2.3}"' in text
+    assert "0 on the master node, 1 on the other}" in text
+    from_slurm = build_plan(
+        TrainOptions(nodes=2, cache=False),
+        environ={
+            "PATH": os.environ["PATH"],
+            "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "gpu[1-2]",
+            "SLURM_NNODES": "2",
+        },
+        cuda_devices=0,
+    )
+    _, multi = emit_scripts(from_slurm, tmp_path / "slurm")
+    assert "MASTER_ADDR:?set MASTER_ADDR" in multi.read_text()  # gpu1 is this job's, not the script's
+
+
 def test_emit_scripts_flag_writes_and_runs_nothing(app: typer.Typer, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,

@@ -55,6 +55,13 @@ def _dq(value: str) -> str:
     return "".join(out)
 
 
+def _given_master_addr(plan: TrainPlan) -> str | None:
+    """The master address the user named (flag, environment, vggtctl.toml): the script's default
+    for MASTER_ADDR. A default or Slurm's first host is left to the node the script runs on."""
+    setting = next(s for s in plan.topology.settings if s.name == "master_addr")
+    return None if setting.source.startswith(("default", "Slurm")) else str(setting.value)
+
+
 def _port_is_fixed(plan: TrainPlan) -> bool:
     source = next(s.source for s in plan.topology.settings if s.name == "master_port")
     return not source.startswith(("default", "Slurm"))
@@ -101,10 +108,17 @@ def render_script(plan: TrainPlan, nodes: int, name: str) -> str:
         ]
         if not _port_is_fixed(plan):
             lines.append('  MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"')
+        others = "1 on the other" if nodes == 2 else f"1..{nodes - 1} on the others"
+        given = _given_master_addr(plan)
+        master = (
+            f'MASTER_ADDR="${{MASTER_ADDR:-{_dq(given)}}}"'
+            if given
+            else 'MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR: an address of node 0 that every node reaches}"'
+        )
         lines += [
             "fi",
-            f'NODE_RANK="${{NODE_RANK:?set NODE_RANK: 0 on the master node, 1..{nodes - 1} on the others}}"',
-            'MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR: an address of node 0 that every node reaches}"',
+            f'NODE_RANK="${{NODE_RANK:?set NODE_RANK: 0 on the master node, {others}}}"',
+            master,
             f'MASTER_PORT="${{MASTER_PORT:-{port}}}"',
         ]
     if uses_iface:
