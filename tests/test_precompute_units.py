@@ -269,26 +269,30 @@ def test_writer_bounds_pending_bytes(monkeypatch):
     rows = torch.zeros(4, 8)  # 128 bytes each
     recorder = _Recorder()
     writer = SidecarWriter(recorder, threads=4, max_pending_bytes=256)
-    writer.submit("a", rows, _meta(), "a")
-    writer.submit("b", rows, _meta(), "b")
-    assert writer.pending_bytes == 256
-    third_returned = threading.Event()
+    started = threading.Event()
 
     def third() -> None:
+        started.set()
         writer.submit("c", rows, _meta(), "c")
-        third_returned.set()
 
-    thread = threading.Thread(target=third)
-    thread.start()
-    assert not third_returned.is_set()  # blocked: the budget is spent until a write finishes
-    time.sleep(0.05)
-    gate.release()  # "a" or "b" completes
-    thread.join()
-    assert third_returned.is_set()
-    assert writer.blocked_seconds >= 0.04  # the back-pressure is measured (stage "wait_writers")
-    gate.release()
-    gate.release()
-    writer.close()
+    thread = threading.Thread(target=third, daemon=True)
+    try:
+        writer.submit("a", rows, _meta(), "a")
+        writer.submit("b", rows, _meta(), "b")
+        assert writer.pending_bytes == 256
+        thread.start()
+        assert started.wait(30)
+        thread.join(0.05)
+        # blocked: the budget is spent until a write finishes (a submit that returned would
+        # have left the thread and counted its 128 bytes)
+        assert thread.is_alive() and writer.pending_bytes == 256
+        gate.release()  # "a" or "b" completes
+        thread.join(30)
+        assert not thread.is_alive()
+        assert writer.blocked_seconds > 0  # the back-pressure is measured (stage "wait_writers")
+    finally:
+        gate.release(8)  # every write that is or will be waiting, whatever failed above
+        writer.close()
     assert max(peak) <= 256
     assert writer.pending_bytes == 0
     assert set(recorder.done) == {"a", "b", "c"}
