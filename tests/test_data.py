@@ -320,13 +320,13 @@ def test_dataset_loads_frames_for_misses_only(episode: list[Item]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    encoder_mod = pytest.importorskip("vggtctl.encoder", reason="vggtctl.encoder is not available yet")
+    from vggtctl.encoder import Encoder
     from vggtctl.model import load_model
     from vggtctl.preprocess.presets import Preset
 
     preset = Preset(name="test-crop-56", mode="crop", target_size=56, exif_transpose=False)
     loaded = load_model("tiny-random")
-    encoder = encoder_mod.Encoder(loaded, preset, attention="causal", dtype=torch.float32, device="cpu")
+    encoder = Encoder(loaded, preset, attention="causal", dtype=torch.float32, device="cpu")
     return encoder, preset
 
 

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
+from vggtctl import sidecar
 from vggtctl.names import is_temp_name
 
 IMAGE = "a.jpg.vggt_cache.pt"
 
 
 def test_a_name_written_by_temp_path_for_is_a_temp_name() -> None:
-    sidecar = pytest.importorskip("vggtctl.sidecar")
     name = sidecar.temp_path_for(IMAGE)
     assert re.fullmatch(r"a\.jpg\.vggt_cache\.pt\.tmp-[0-9]+-[0-9a-f]{8}", name)  # the format we test
     assert is_temp_name(name)

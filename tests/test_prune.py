@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -54,7 +55,7 @@ def test_plan_per_category_and_freed_bytes(make_tree) -> None:
     assert plan.freed_bytes == sum(os.path.getsize(p) for p in wanted)
     assert [(c.name, c.files) for c in plan.categories] == [("orphans", 1), ("corrupt", 1), ("temp", 1)]
     assert _files(tree.root) >= wanted  # planning deletes nothing
-    with pytest.raises(Exception):  # noqa: B017 - the plan is frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the plan is frozen
         plan.files = ()  # type: ignore[misc]
 
 

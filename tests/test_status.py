@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import scantree
+import treebuilder as tb
 import typer
 from typer.testing import CliRunner
 
+from vggtctl import manifest
 from vggtctl.cli import status as status_cli
 
 
@@ -108,7 +110,6 @@ def test_sort_and_top(app, tree: Path, sort: str, order: list[str]) -> None:
 
 
 def test_time_to_finish_uses_the_manifest_rate(app, tree: Path) -> None:
-    manifest = pytest.importorskip("vggtctl.manifest")
     manifest.record_run(tree, {"items": 50, "seconds": 10.0})  # 5 items/s
     foot = status_json(app, str(tree))["footer"]
     assert foot["rate_items_per_s"] == pytest.approx(5.0)
@@ -146,7 +147,6 @@ def test_missing_root_exits_2(app, tmp_path: Path) -> None:
 
 
 def test_deep_splits_cached_into_verdicts(app, make_tree, checkpoint: Path) -> None:
-    tb = pytest.importorskip("treebuilder")
     tree = make_tree(tb.EVERY_KIND)
     doc = status_json(app, str(tree.root), "--deep", "--vggt-model", str(checkpoint))
     truth = tree.expected_for("model")  # --vggt-model checks the model fingerprint only
