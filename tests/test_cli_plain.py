@@ -43,3 +43,17 @@ def test_a_usage_error_is_one_line_naming_the_option(tmp_path):
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert named in result.stderr and "--help" in result.stderr
         assert not BOX_DRAWING & set(result.stderr)
+
+
+def test_the_run_summary_says_which_layout_and_why(tmp_path):
+    """`--layout auto` says what it picked and why, in a real run's summary too, not only in
+    the --dry-run plan."""
+    folder = tmp_path / "cam1"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (10, 90, 160)).save(folder / "a.jpg")
+    args = ["precompute", str(tmp_path), "--vggt-model", "tiny-random", "--device", "cpu", "--workers", "0"]
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        layout = [line for line in result.stdout.splitlines() if line.startswith("layout")]
+        assert len(layout) == 1 and "plain (" in layout[0], result.stdout

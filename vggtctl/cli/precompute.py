@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -100,7 +101,7 @@ def _plan_table(outcome: Outcome) -> Table:
     table.add_column("what")
     table.add_column("value", justify="left" if render.plain() else "right")
     table.add_row("model", _model_label(outcome))
-    table.add_row("layout", f"{plan.layout} ({plan.layout_reason})")
+    table.add_row("layout", f"{plan.layout} ({escape(plan.layout_reason)})")
     table.add_row("context", FeatureKey.from_meta(outcome.feature_key).context.describe())
     table.add_row("items", f"{plan.items:,}")
     if plan.conflicts:
@@ -148,6 +149,7 @@ def _summary_table(outcome: Outcome, root: Path) -> Table:
     table.add_column("what")
     table.add_column("value", justify="left" if render.plain() else "right")
     table.add_row("model", _model_label(outcome))
+    table.add_row("layout", f"{outcome.plan.layout} ({escape(outcome.plan.layout_reason)})")
     table.add_row("encoded", f"{outcome.encoded:,}")
     table.add_row("already valid", f"{outcome.plan.already_valid:,}")
     table.add_row("failed", f"{outcome.failed:,}")
