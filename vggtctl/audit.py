@@ -20,8 +20,15 @@ from typing import Any
 from vggtctl import manifest, scan
 from vggtctl.catalog.base import Item, item_frames_for_key
 from vggtctl.catalog.episodes import episode_histories
-from vggtctl.keys import FeatureKey, checkpoint_fingerprint, is_random_model_name
-from vggtctl.sidecar import Classification, Expectation, Verdict, classify
+from vggtctl.keys import ContextSettings, FeatureKey, checkpoint_fingerprint, is_random_model_name
+from vggtctl.sidecar import (
+    CHANGED_FRAME,
+    Classification,
+    Expectation,
+    Verdict,
+    changed_frame_reason,
+    classify,
+)
 
 DANGLING_IMAGE = "image is a dangling symbolic link (its source unmounted?)"
 CHUNK = 32  # sidecars per pool task: amortizes task overhead on folders with many files
@@ -294,11 +301,19 @@ class Auditor:
                     and result.verdict is Verdict.CONTEXT_MISMATCH
                     and self.history
                 ):
-                    recorded = result.header.meta["context"].get("frames") if result.header else None
+                    meta = result.header.meta if result.header else None
+                    recorded = meta["context"].get("frames") if meta else None
                     why = (
                         f"context frame {gone} is gone"
                         if gone
-                        else self.history.explain(recorded, frames, listing.path, lookup)
+                        else self.history.explain(
+                            recorded,
+                            frames,
+                            listing.path,
+                            lookup,
+                            meta=meta,
+                            written_ns=listing.sidecars[name].st_mtime_ns,
+                        )
                     )
                     result = replace(result, reason=why)
                 results.append((result, listing.sidecars[name], kept))
@@ -401,10 +416,16 @@ def resolve_checkpoint_file(spec: str) -> str:
 
 def model_fingerprint(spec: str) -> str:
     """The fingerprint sidecars record for the model `spec` names (no weights are loaded)."""
-    from vggtctl.model.checkpoint import TINY_RANDOM, TINY_RANDOM_FINGERPRINT
+    from vggtctl.errors import CheckpointError
+    from vggtctl.model.checkpoint import RANDOM_PREFIX, TINY_RANDOM, TINY_RANDOM_FINGERPRINT
 
     if spec == TINY_RANDOM:
         return TINY_RANDOM_FINGERPRINT
+    if spec.startswith(RANDOM_PREFIX):  # precompute takes it; a check has no file to hash
+        raise CheckpointError(
+            f"--vggt-model {spec}: a benchmark model of seeded random weights, without a checkpoint "
+            "to fingerprint; leave --vggt-model out to judge by the key the root's manifest records"
+        )
     return checkpoint_fingerprint(resolve_checkpoint_file(spec))
 
 
@@ -422,10 +443,14 @@ def expectation_from(root: str | os.PathLike[str], vggt_model: str | None = None
             model_fingerprint=fingerprint,
             model_name=vggt_model,
             preprocess_fingerprint=key.preprocess_fingerprint,
+            preset=key.preset,
             context_kind=key.context.kind,
         )
     return Expectation(
-        model=key.model, preprocess_fingerprint=key.preprocess_fingerprint, context_kind=key.context.kind
+        model=key.model,
+        preprocess_fingerprint=key.preprocess_fingerprint,
+        preset=key.preset,
+        context_kind=key.context.kind,
     )
 
 
@@ -462,7 +487,13 @@ class HistoryRule:
         streamed: tuple[str, ...],
         folder: str | None = None,
         lookup: Callable[[str], Any] | None = None,
+        *,
+        meta: dict[str, Any] | None = None,
+        written_ns: int | None = None,
     ) -> str:
+        """Why a sidecar's context differs from the history this rule streams, in one line.
+        `meta` (the sidecar's header) tells eviction and attention apart from frame changes;
+        `written_ns` (the sidecar file's mtime) dates it, so a changed frame can be named."""
         wanted = [os.path.relpath(p, os.path.dirname(streamed[-1])) for p in streamed]
         if header_frames is not None and folder is not None and lookup is not None:
             # a frame the sidecar was cached with is gone: the likely cause, and what the trainer's
@@ -470,13 +501,50 @@ class HistoryRule:
             for rel in header_frames:
                 if isinstance(rel, str) and lookup(os.path.normpath(os.path.join(folder, rel))) is None:
                     return f"context frame {rel} is gone"
+        streams = (
+            f"the episodes layout with max_history {self.max_history} streams {len(wanted)} "
+            f"({_history(len(wanted))} + current) for this step"
+        )
+        kind = ((meta or {}).get("context") or {}).get("kind", "sequence")
+        if kind != "sequence":
+            return f"context {kind!r} cached, 'sequence' wanted"
         if header_frames is not None and list(header_frames) != wanted:
-            which = "other" if len(header_frames) == len(wanted) else str(len(header_frames))
-            return (
-                f"cached with {which} history frames: the episodes layout with max_history "
-                f"{self.max_history} streams {len(wanted)} for this step"
-            )
-        return "a context frame changed since the sidecar was written"
+            if len(header_frames) == len(wanted):
+                got, want = next((a, b) for a, b in zip(header_frames, wanted, strict=True) if a != b)
+                return f"cached with other history frames ({got} in place of {want}): {streams}"
+            n = len(header_frames)
+            return f"cached with {n} frames ({_history(n)} + current): {streams}"
+        other = self._other_settings(meta)
+        if other:
+            return other
+        if folder is not None and lookup is not None and header_frames is not None:
+            return changed_frame_reason(list(header_frames), folder, lookup, written_ns)
+        return CHANGED_FRAME
+
+    def _other_settings(self, meta: dict[str, Any] | None) -> str | None:
+        """Same frames, but another eviction or attention: the signature covers those too."""
+        if not isinstance(meta, dict):
+            return None
+        ctx, model = meta.get("context") or {}, meta.get("model") or {}
+        cached = ContextSettings("sequence", ctx.get("evict_start"), ctx.get("evict_recent"))
+        current = replace(self.key.context, kind="sequence")
+        if cached != current:
+            return f"cached with context {_eviction(cached)}, the current key's is {_eviction(current)}"
+        if model.get("attention") != self.key.model.attention:
+            return f"cached with {model.get('attention')} attention, the current key's is {self.key.model.attention}"
+        return None
+
+
+def _eviction(context: ContextSettings) -> str:
+    if context.evict_start is None and context.evict_recent is None:
+        return f"{context.kind} without eviction"
+    return context.describe()
+
+
+def _history(frames: int) -> str:
+    """How many history frames an item of `frames` frames (current included) streams, in words."""
+    n = max(frames - 1, 0)
+    return f"{n} history frame{'' if n == 1 else 's'}"
 
 
 def _dangling_frame(meta: dict[str, Any], listing: scan.DirListing) -> str | None:

@@ -182,6 +182,7 @@ class FeatureStore:
         return Expectation(
             model=self.key.model,
             preprocess_fingerprint=self.key.preprocess_fingerprint,
+            preset=self.key.preset,
             context_kind=self.key.context.kind,
             context_signature=signature,
             check_context_frames=False,
@@ -218,6 +219,7 @@ class FeatureStore:
         return Expectation(
             model=self.key.model,
             preprocess_fingerprint=self.key.preprocess_fingerprint,
+            preset=self.key.preset,
             context_kind=self.key.context.kind,
             context_signature="<a context frame is gone>" if impossible_signature else None,
             check_context_frames=False,

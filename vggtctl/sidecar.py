@@ -362,6 +362,7 @@ class Expectation:
     model_fingerprint: str | None = None  # checked alone when only the checkpoint is known
     model_name: str | None = field(default=None, compare=False)  # the name given: messages only
     preprocess_fingerprint: str | None = None
+    preset: str | None = field(default=None, compare=False)  # the wanted preset's name: messages only
     context_kind: str | None = None
     context_signature: str | None = None
     check_context_frames: bool = True
@@ -465,13 +466,15 @@ def _judge(
     if expect.preprocess_fingerprint is not None:
         recorded = meta["preprocess"].get("fingerprint")
         if recorded != expect.preprocess_fingerprint:
-            return Classification(
-                path,
-                Verdict.PREPROCESS_MISMATCH,
-                f"preprocess preset {meta['preprocess'].get('preset')!r} differs from the one wanted",
-                header,
-            )
+            return Classification(path, Verdict.PREPROCESS_MISMATCH, _preset_reason(meta, expect), header)
     why = _context_problem(meta, expect, os.path.dirname(image), lookup)
+    if why == CHANGED_FRAME:
+        written = None
+        with contextlib.suppress(OSError):
+            written = os.stat(path).st_mtime_ns
+        why = changed_frame_reason(
+            meta["context"].get("frames") or [], os.path.dirname(image), lookup, written
+        )
     if why:
         return Classification(path, Verdict.CONTEXT_MISMATCH, why, header)
     return Classification(path, Verdict.VALID, "", header)
@@ -498,8 +501,52 @@ def _context_problem(
         frames.append((rel, ImageKey.from_stat(st)))
     settings = ContextSettings(kind, ctx.get("evict_start"), ctx.get("evict_recent"))
     if context_signature(frames, settings, meta["model"].get("attention", "")) != ctx.get("signature"):
-        return "a context frame changed since the sidecar was written"
+        return CHANGED_FRAME
     return None
+
+
+CHANGED_FRAME = "a context frame changed since the sidecar was written"
+_SHOWN_FRAMES = 3
+
+
+def _preset_reason(meta: dict[str, Any], expect: Expectation) -> str:
+    """Name both presets: the cached one, and the wanted one where the expectation knows it."""
+    cached = meta["preprocess"].get("preset")
+    if expect.preset is None:
+        return f"preprocess preset {cached!r} differs from the one wanted"
+    if cached == expect.preset:  # same name, other sizes (e.g. another Qwen model sized the grid)
+        recorded = str(meta["preprocess"].get("fingerprint"))[:12]
+        wanted = str(expect.preprocess_fingerprint)[:12]
+        return f"preprocess preset {cached!r} cached with other settings (fingerprint {recorded}, wanted {wanted})"
+    return f"preprocess preset {cached!r} cached, {expect.preset!r} wanted"
+
+
+def changed_frame_reason(
+    frames: list[Any], folder: str, lookup: StatLookup, written_ns: int | None = None
+) -> str:
+    """Why a context signature no longer matches although every frame is there, naming the
+    frames that changed where the file system tells. The sidecar records one signature over all
+    its frames, not each frame's size and mtime; so the frames named are those modified after
+    the sidecar file was (`written_ns`, its mtime: one file system's clock, no skew): their mtime
+    is later, else their ctime (an mtime set back). The current image (last) is left out: its
+    own change reads `stale`."""
+    history = list(dict.fromkeys(rel for rel in frames[:-1] if isinstance(rel, str)))
+    stats = {rel: lookup(os.path.normpath(os.path.join(folder, rel))) for rel in history}
+    later: list[str] = []
+    if written_ns is not None:
+        for field_name in ("st_mtime_ns", "st_ctime_ns"):
+            later = [
+                rel for rel, st in stats.items() if st is not None and getattr(st, field_name) > written_ns
+            ]
+            if later:
+                break
+    if not later:
+        return f"{CHANGED_FRAME} (which one is not recorded: the sidecar keeps one signature over its frames)"
+    shown = ", ".join(later[:_SHOWN_FRAMES])
+    if len(later) > _SHOWN_FRAMES:
+        shown += f" and {len(later) - _SHOWN_FRAMES} more"
+    noun = "frame" if len(later) == 1 else "frames"
+    return f"context {noun} {shown} changed since the sidecar was written"
 
 
 def _first_line(err: BaseException) -> str:
