@@ -145,3 +145,84 @@ def test_workers_from_the_environment_are_read_and_checked(tmp_path, monkeypatch
     result = CliRunner().invoke(app, [command, str(tmp_path), *extra])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: workers = 'abc' (env VGGTCTL_WORKERS): not a whole number"
+
+
+# --------------------------------------------------------------------------- --recompute
+
+
+def test_recompute_with_the_recorded_checkpoint_gone_names_the_manifest(
+    tmp_path, cli_app, runner, monkeypatch
+):
+    """The model path came from the manifest, not from the user: the error says so and how to
+    name the new place, before the long full read rather than after it."""
+    from vggtctl.cli import audit_view
+
+    tb.write_image(tmp_path / "a.jpg")
+    gone = tmp_path / "models" / "v2"
+    settings = {"vggt_model": str(gone), "layout": "plain", "preset": "janusvln"}
+    manifest.record_run(tmp_path, {"kind": "precompute", "settings": settings}, tb.FEATURE_KEY)
+
+    def no_audit(*_a, **_k):
+        raise AssertionError("the model is resolved before the audit")
+
+    monkeypatch.setattr(audit_view, "run_audit", no_audit)
+    result = runner.invoke(cli_app, ["verify", str(tmp_path), "--recompute", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(gone) in lines[0] and "manifest" in lines[0] and "--vggt-model" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory):
+    """One episode of 3 steps cached by precompute with tiny-random (CPU, seconds)."""
+    from vggtctl.demo import make_dataset
+    from vggtctl.precompute import PrecomputeOptions, run
+
+    root = tmp_path_factory.mktemp("remedy")
+    make_dataset(root, episodes=1, steps=3, size=(64, 48))
+    outcome = run(
+        PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0)
+    )
+    assert outcome.encoded == 3
+    return root
+
+
+def test_recompute_mismatch_names_the_sidecars_and_a_command_that_re_encodes_them(precomputed, cli_app):
+    """A sidecar whose features differ passes the header check: prune keeps it and precompute
+    skips it. The output names it and a precompute command; deleting it and running that
+    command (as printed) re-encodes it, after which the recompute passes."""
+    import shlex
+
+    import torch
+    from typer.testing import CliRunner
+
+    from vggtctl import sidecar
+    from vggtctl.cli.app import app
+
+    victim = sorted(precomputed.glob("episode_*/*.vggt_cache.pt"))[1]
+    stored = torch.load(victim, map_location="cpu", weights_only=True)
+    altered = stored["features"].clone()
+    altered[0] += 0.5
+    sidecar.write(victim, altered, stored["meta"])
+
+    result = CliRunner().invoke(cli_app, ["verify", str(precomputed), "--quick", "--recompute", "3"])
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    removes = [line for line in lines if line.strip().startswith("rm -- ")]
+    assert len(removes) == 1 and shlex.split(removes[0])[2:] == [str(victim)]
+    commands = [line.strip() for line in lines if line.strip().startswith("vggtctl precompute ")]
+    assert len(commands) == 1
+    assert any("--force" in line for line in lines)
+    assert any("vggtctl prune" in line and "skips" in line for line in lines)
+
+    # the remedy, as printed
+    os.remove(victim)
+    rerun = CliRunner().invoke(
+        app, [*shlex.split(commands[0])[1:], "--device", "cpu", "--workers", "0", "--json"]
+    )
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads(rerun.stdout)["encoded"] == 1
+    checked = CliRunner().invoke(cli_app, ["verify", str(precomputed), "--recompute", "3", "--json"])
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["recompute"]["mismatches"] == 0

@@ -71,9 +71,84 @@ def register(app: typer.Typer) -> None:
 def recompute_check(root: str, k: int, vggt_model: str | None):  # -> RecomputeReport
     """`--recompute K`: re-encode K random cached items with the settings of the last precompute
     run (from the manifest) and compare them element-wise with the stored features."""
-    from vggtctl.recompute import options_from_manifest, recompute
+    from vggtctl.recompute import recompute
 
-    return recompute(options_from_manifest(Path(root), vggt_model, None), k)
+    return recompute(recompute_options(root, vggt_model), k)
+
+
+def recompute_options(root: str, vggt_model: str | None):  # -> PrecomputeOptions
+    """The settings `--recompute` runs with. The model is resolved here, before the audit's long
+    pass: a recorded checkpoint that moved fails in seconds, and the error says the path came
+    from the manifest (where a user who never typed it would not look)."""
+    from vggtctl.errors import CheckpointError
+    from vggtctl.keys import is_random_model_name
+    from vggtctl.model.checkpoint import resolve_weights
+    from vggtctl.recompute import options_from_manifest
+
+    opts = options_from_manifest(Path(root), vggt_model, None)
+    if vggt_model is None and opts.vggt_model and not is_random_model_name(opts.vggt_model):
+        try:
+            resolve_weights(opts.vggt_model, allow_download=False)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err} (the model the manifest of {root} records for its last precompute run; "
+                "pass --vggt-model to name where that checkpoint is now)"
+            ) from None
+    return opts
+
+
+SHOWN_PATHS = 5
+
+
+def recompute_remedy(root: str, report, vggt_model: str | None) -> list[str]:  # report: RecomputeReport
+    """How to re-encode the sidecars a recompute found wrong, as lines to print: they pass the
+    header check (image, model, preprocess and context as recorded), so `prune` keeps them and
+    `precompute` skips them as valid; deleting them is what makes precompute encode them again."""
+    import shlex
+
+    bad = [check.path for check in report.problems]
+    if not bad:
+        return []
+    command = precompute_command(root, vggt_model)
+    shown = " ".join(shlex.quote(path) for path in bad[:SHOWN_PATHS])
+    more = len(bad) - SHOWN_PATHS
+    more_text = f"  # and {more} more: `--json` lists them (recompute.checks)" if more > 0 else ""
+    them = "it" if len(bad) == 1 else "them"
+    lines = [
+        f"The header check passes {'this sidecar' if len(bad) == 1 else 'these sidecars'}, so "
+        f"`vggtctl prune` keeps {them} and `vggtctl precompute` skips {them}. To re-encode "
+        f"{them}, delete {them} and rerun precompute:",
+        f"  rm -- {shown}{more_text}",
+        f"  {command}",
+        "or re-encode every item of the root: the same precompute command with --force.",
+    ]
+    return lines
+
+
+def precompute_command(root: str, vggt_model: str | None) -> str:
+    """The precompute command for the root's current key and recorded settings (as `train`'s
+    preflight prints it), with `vggt_model` in place of the recorded model when given."""
+    import shlex
+
+    from vggtctl import manifest
+    from vggtctl.launch.cache import CatalogSpec
+    from vggtctl.launch.cache import precompute_command as command_for
+
+    loaded = manifest.load(root)
+    key, settings = loaded.current_key, loaded.last_run_settings() or {}
+    if key is None:
+        return f"vggtctl precompute {shlex.quote(root)} --vggt-model MODEL  # the settings that wrote them"
+    if vggt_model:
+        settings["vggt_model"] = vggt_model
+    max_history = settings.get("max_history")
+    spec = CatalogSpec(
+        Path(root),
+        str(settings.get("layout") or "auto"),
+        tuple(str(a) for a in settings.get("annotations") or ()),
+        max_history if isinstance(max_history, int) and not isinstance(max_history, bool) else None,
+        settings.get("data_path") or None,
+    )
+    return command_for(spec, key, settings)
 
 
 def recompute_table(report):  # -> rich.table.Table
@@ -106,6 +181,7 @@ def run(
     settings.warn_unknown_keys(config, lambda line: render.err.print(line, markup=False, soft_wrap=True))
     workers = settings.as_int(settings.pick_setting("workers", workers, config, "verify"), minimum=1)
     expect = audit.expectation_from(root, vggt_model)
+    recompute_opts = recompute_options(root, vggt_model) if recompute else None
     if not audit.has_model_check(expect) and not as_json:
         render.err.print(f"note: {audit.describe(expect)}")
     # the history the manifest's layout streams (what training is served)
@@ -113,7 +189,11 @@ def run(
     report = audit_view.run_audit(
         root, expect, full=not quick, workers=workers, label="Verifying sidecars", history=history
     )
-    rechecked = recompute_check(root, recompute, vggt_model) if recompute else None
+    rechecked = None
+    if recompute and recompute_opts is not None:
+        from vggtctl.recompute import recompute as recompute_items
+
+        rechecked = recompute_items(recompute_opts, recompute)
     ok = report.ok and not (rechecked and rechecked.problems)
     code = EXIT_OK if ok else EXIT_PROBLEMS
     if as_json:
@@ -157,6 +237,8 @@ def run(
             render.out.print(
                 f"[red]{len(rechecked.problems)} of {len(rechecked.checks)} recomputed items differ[/]"
             )
+            for line in recompute_remedy(root, rechecked, vggt_model):  # commands: one line each
+                render.out.print(line, markup=False, highlight=False, soft_wrap=True)
         if rechecked.skipped_not_valid:
             render.out.print(
                 f"{rechecked.skipped_not_valid} sampled sidecars were not valid for the key and were "
