@@ -90,6 +90,53 @@ def test_key_and_catalog_settings_come_from_the_manifest(tmp_path: Path) -> None
     assert "--vggt-model /models/VGGT-1B --qwen-model /models/qwen" in fix and "--layout plain" in fix
 
 
+def _record_failed_run(root: Path, failed: int) -> None:
+    settings = {"vggt_model": "/models/VGGT-1B", "layout": "plain"}
+    manifest.record_run(root, {"kind": "precompute", "settings": settings, "failed": failed}, launch_tree.KEY)
+
+
+def test_coverage_failure_after_failed_items_names_failures_and_min_coverage(
+    app: typer.Typer, tmp_path: Path
+) -> None:
+    """Items the last precompute run failed (bad images) fail again on a rerun: the printed fix
+    command cannot close that gap, so the check names where the failures are listed and the
+    option that accepts the gap."""
+    root = launch_tree.make_root(tmp_path, total=5, valid=3)
+    _record_failed_run(root, 2)
+    args = ["train", "--data-root", str(root), "--log-dir", str(tmp_path / "logs")]
+    args += ["--master-port", str(free_port()), "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    plan = build_plan(TrainOptions(data_root=str(root)), environ={"PATH": os.environ["PATH"]}, cuda_devices=0)
+    check = preflight.check_coverage(plan)
+    assert check.status == "fail" and check.detail.startswith("3/5 Items valid")
+    assert "the last precompute run failed 2 items" in check.detail
+    assert str(root / ".vggtctl" / "failures.jsonl") in check.detail
+    assert "--min-coverage" in check.detail
+    assert check.fix is not None and check.fix.startswith("vggtctl precompute")  # still printed
+    # the table folds the detail; its words reach stdout all the same
+    assert "failures.jsonl" in "".join(result.stdout.split())
+    # above the bar, the misses are a warning that still says where the failures are
+    check = preflight.check_coverage(
+        build_plan(
+            TrainOptions(data_root=str(root), min_coverage=0.5),
+            environ={"PATH": os.environ["PATH"]},
+            cuda_devices=0,
+        )
+    )
+    assert check.status == "warn" and "failures.jsonl" in check.detail
+    assert "--min-coverage" not in check.detail
+
+
+def test_coverage_failure_without_failed_items_says_nothing_of_failures(tmp_path: Path) -> None:
+    root = launch_tree.make_root(tmp_path, total=5, valid=3)
+    _record_failed_run(root, 0)
+    plan = build_plan(TrainOptions(data_root=str(root)), environ={"PATH": os.environ["PATH"]}, cuda_devices=0)
+    check = preflight.check_coverage(plan)
+    assert check.status == "fail" and "failures.jsonl" not in check.detail
+    assert "--min-coverage" not in check.detail
+
+
 def test_no_feature_key_fails(tmp_path: Path) -> None:
     root = launch_tree.make_root(tmp_path, total=1, valid=0)
     plan = build_plan(TrainOptions(data_root=str(root)), environ={"PATH": os.environ["PATH"]}, cuda_devices=0)

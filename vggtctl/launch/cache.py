@@ -73,6 +73,16 @@ class ManifestInfo:
     note: str = ""
 
 
+def last_run_failed(data_root: Path) -> int | None:
+    """Items the root's latest precompute run failed (bad images: a rerun fails them again), as
+    `vggtctl status` reads it; None when the manifest records no such count."""
+    from vggtctl import manifest
+
+    runs = [run for run in manifest.load(data_root).runs if run.get("kind") == "precompute"]
+    failed = runs[-1].get("failed") if runs else None
+    return failed if isinstance(failed, int) and not isinstance(failed, bool) and failed >= 0 else None
+
+
 def read_manifest(data_root: Path | None) -> ManifestInfo:
     if data_root is None:
         return ManifestInfo(note="no data root")

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vggtctl.failures import failures_path
 from vggtctl.launch import netif
-from vggtctl.launch.cache import describe_key, measure_coverage, precompute_command
+from vggtctl.launch.cache import describe_key, last_run_failed, measure_coverage, precompute_command
 from vggtctl.launch.envcheck import check_env, interface_names
 from vggtctl.launch.plan import TrainPlan
 from vggtctl.wording import count
@@ -399,8 +400,36 @@ def check_coverage(plan: TrainPlan, *, workers: int = 8) -> Check:
         detail += f"; {problems}"
     if cov.total == 0:
         return Check("cache coverage", FAIL, f"the catalog ({cov.layout}) lists no training Items", fix)
+    failed = _failed_last_run(plan)
     if cov.fraction + 1e-12 < plan.min_coverage:
+        if failed:  # the fix command cannot close that part of the gap: say what can
+            detail += (
+                f"; {_failures_note(plan, failed)}: fix or remove those images, or lower "
+                f"--min-coverage (now {plan.min_coverage})"
+            )
         return Check("cache coverage", FAIL, detail, fix)
     if cov.valid < cov.total:
-        return Check("cache coverage", WARN, detail + "; misses are computed online (slower)", fix)
+        detail += "; misses are computed online (slower)"
+        if failed:
+            detail += f"; {_failures_note(plan, failed)}"
+        return Check("cache coverage", WARN, detail, fix)
     return Check("cache coverage", OK, detail)
+
+
+def _failed_last_run(plan: TrainPlan) -> int:
+    """Items the last precompute run of the data root failed, when that run wrote the key the
+    trainer asks for (0 otherwise, or when the manifest cannot tell)."""
+    if plan.catalog is None or not plan.fix_settings:  # fix_settings: the key is the manifest's
+        return 0
+    try:
+        return last_run_failed(plan.catalog.root) or 0
+    except Exception:  # an unreadable manifest: the coverage line still stands on its own
+        return 0
+
+
+def _failures_note(plan: TrainPlan, failed: int) -> str:
+    root = plan.catalog.root if plan.catalog is not None else Path(".")
+    return (
+        f"the last precompute run failed {count(failed, 'item')}, which a rerun fails again "
+        f"(which and why: {failures_path(root)})"
+    )
