@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from precompute_trees import (
     CLI_FAST,
     catalog_items,
+    cli_env,
     corrupt_sidecars,
     episodes_tree,
     opts,
@@ -138,19 +141,59 @@ def test_interrupting_two_ranks_counts_both_and_leaves_no_run_folder(tmp_path):
     assert corrupt_sidecars(tmp_path) == []
 
 
+# `python -m vggtctl ARGS` whose first successful claim waits until the other run holds one too:
+# both runs are then in their claim loops at once, however late the second one starts.
+_AFTER_THE_FIRST_CLAIM_WAIT = textwrap.dedent(
+    """
+    import os, runpy, sys, time
+    from vggtctl import claims
+    gate, me = sys.argv[1], sys.argv[2]
+    claim = claims.ClaimBook.try_claim
+    def try_claim(self, chunk):
+        got = claim(self, chunk)
+        if got and not os.path.exists(os.path.join(gate, me)):
+            open(os.path.join(gate, me), "w").close()
+            deadline = time.monotonic() + 100
+            while len(os.listdir(gate)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return got
+    claims.ClaimBook.try_claim = try_claim
+    sys.argv = ["vggtctl", *sys.argv[3:]]
+    runpy.run_module("vggtctl", run_name="__main__", alter_sys=True)
+    """
+)
+
+
 def test_two_concurrent_runs_share_the_work(tmp_path):
-    images = episodes_tree(tmp_path, episodes=4, steps=4)
-    args = [*_slow_args(tmp_path), "--chunk-items", "2", "--json"]
-    procs = [start_cli(*args), start_cli(*args)]
+    """Each run holds a chunk while the other is claiming: they overlap for sure, so a claim that
+    did not exclude the other run would show as items encoded twice."""
+    root, gate = tmp_path / "data", tmp_path / "gate"
+    gate.mkdir()
+    images = episodes_tree(root, episodes=4, steps=4)
+    args = [*_slow_args(root), "--chunk-items", "2", "--json"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AFTER_THE_FIRST_CLAIM_WAIT, str(gate), name, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        for name in ("first", "second")
+    ]
     docs = []
     for proc in procs:
         out, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 0, err[-2000:]
         docs.append(json.loads(out))
+    assert sorted(os.listdir(gate)) == ["first", "second"]
+    assert all(d["encoded"] > 0 for d in docs)  # both did work
     assert sum(d["encoded"] for d in docs) == len(images)  # nothing encoded twice
-    _full_coverage(tmp_path, FeatureKey.from_meta(docs[0]["feature_key"]), len(images))
-    assert list((tmp_path / ".vggtctl" / "claims").iterdir()) == []
-    assert len(manifest.load(tmp_path).runs) == 2
+    # the run that claimed second found the first one's chunk held (chunks go in one order)
+    assert sum(d["skipped_claimed"] for d in docs) >= 2
+    _full_coverage(root, FeatureKey.from_meta(docs[0]["feature_key"]), len(images))
+    assert list((root / ".vggtctl" / "claims").iterdir()) == []
+    assert len(manifest.load(root).runs) == 2
 
 
 def test_two_ranks_under_torch_launcher_cover_the_tree_once(tmp_path):
