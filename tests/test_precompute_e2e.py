@@ -153,7 +153,8 @@ def test_verify_status_and_prune_judge_histories_by_the_current_rule(tmp_path):
     assert "max_history 3" in doc["expectation"]
     reasons = {p["reason"] for p in doc["problems"]}
     assert reasons == {
-        "cached with 3 history frames: the episodes layout with max_history 3 streams 4 for this step"
+        "cached with 3 frames (2 history frames + current): the episodes layout with max_history 3 "
+        "streams 4 (3 history frames + current) for this step"
     }
     served = verdicts(
         catalog_items(tmp_path, max_history=3), _key(run(opts(tmp_path, max_history=3, limit=0)))
