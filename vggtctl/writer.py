@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import Any
 
 import torch
@@ -153,9 +154,32 @@ class SidecarWriter:
         return self._pending_bytes
 
     def close(self) -> None:
-        """Finish every submitted write (also on Ctrl-C: in-flight writes complete); then raise
-        what an `on_done` callback raised, if one did (its item's bookkeeping is incomplete)."""
-        self._pool.shutdown(wait=True)
+        """Finish every submitted write; then raise what an `on_done` callback raised, if one did
+        (its item's bookkeeping is incomplete).
+
+        A Ctrl-C while waiting here does not cut the wait short: the caller reads the run's
+        counts and releases its claims right after, so a write still running would be left out
+        of both. The first Ctrl-C lets the queued writes finish too (rows already computed), a
+        second one drops those not started (a rerun encodes them); the interrupt is raised once
+        every started write has ended.
+        """
+        interrupt: KeyboardInterrupt | None = None
+        interrupts = 0
+        while True:
+            # the futures, not the threads, are waited on: an interrupted Thread.join can leave
+            # the thread marked as ended (CPython), and a second join would return at once
+            try:
+                if interrupts >= 2:  # writes not started are dropped
+                    for future in list(self._futures):
+                        future.cancel()
+                wait_for(list(self._futures))
+                break
+            except KeyboardInterrupt as err:
+                interrupts += 1
+                interrupt = interrupt or err
+        self._pool.shutdown(wait=True)  # every write has ended: the threads only exit
+        if self._callback_error is None and interrupt is not None:
+            raise interrupt
         if self._callback_error is not None:
             error, self._callback_error = self._callback_error, None
             raise error
