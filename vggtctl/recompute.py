@@ -108,9 +108,16 @@ def options_from_manifest(root: Path, vggt_model: str | None, device: str | None
         data_path=settings.get("data_path"),
         max_history=int(settings.get("max_history", 8)),
         context=settings.get("context", "auto"),
+        evict_start=_count_or_none(settings.get("evict_start")),
+        evict_recent=_count_or_none(settings.get("evict_recent")),
         dtype=settings.get("dtype"),
         device=device,
     )
+
+
+def _count_or_none(value: object) -> int | None:
+    """A recorded K/V-cache eviction count (absent in manifests written before it was kept)."""
+    return value if type(value) is int and value >= 0 else None
 
 
 def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> RecomputeReport:

@@ -425,6 +425,8 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
         "data_path": opts.data_path,
         "max_history": opts.max_history,
         "context": outcome.plan.context,
+        "evict_start": opts.evict_start,
+        "evict_recent": opts.evict_recent,
         "dtype": key.model.dtype,
     }
     entry = {
