@@ -186,3 +186,18 @@ def test_bad_checkpoint_specs_are_clear_errors(tmp_path: Path, spec: str) -> Non
     (tmp_path / "empty-folder").mkdir()
     with pytest.raises(CheckpointError, match=str(tmp_path / spec).split("/")[-1]):
         audit.expectation_from(tmp_path, str(tmp_path / spec))
+
+
+def test_examples_are_the_first_paths_in_sorted_order_whatever_order_they_arrive_in() -> None:
+    """Checker threads finish in any order; verify and prune must show the same examples."""
+    import random
+
+    paths = [f"/data/scene{s}/ep{e}/img.jpg.vggt_cache.pt" for s in range(3) for e in range(4)]
+    for seed in range(3):
+        shuffled = paths[:]
+        random.Random(seed).shuffle(shuffled)
+        report = audit.AuditReport(full=False, examples=5)
+        for path in shuffled:
+            report.add(Verdict.ORPHAN, path, 10)
+        assert report.verdicts[Verdict.ORPHAN].examples == sorted(paths)[:5]
+        assert report.verdicts[Verdict.ORPHAN].count == len(paths)

@@ -8,6 +8,7 @@ sidecars costs counters, not 10^7 objects. `status --deep`, `verify` and `prune`
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 import threading
@@ -126,8 +127,11 @@ class AuditReport:
         stats = self.verdicts[verdict]
         stats.count += 1
         stats.bytes += nbytes
-        if len(stats.examples) < self.examples:
-            stats.examples.append(path)
+        # the first paths in sorted order, not the first found: the checker threads finish in any
+        # order, and two runs (or verify and prune) should show the same examples
+        if len(stats.examples) < self.examples or (stats.examples and path < stats.examples[-1]):
+            bisect.insort(stats.examples, path)
+            del stats.examples[self.examples :]
         if verdict is not Verdict.VALID:
             self.problems.append(
                 Problem(path, verdict, reason, nbytes, stamp, link, special, image_unreachable)
