@@ -111,3 +111,16 @@ def start_cli(
         env=cli_env(env),
         start_new_session=own_group,
     )
+
+
+def cached_episode(root: Path) -> Path:
+    """One demo episode of 3 steps under `root`, cached by precompute with tiny-random (history 1,
+    CPU, seconds): a root to recompute, verify and alter."""
+    from vggtctl.precompute import run
+
+    make_dataset(root, episodes=1, steps=3, size=(64, 48))
+    outcome = run(
+        PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0)
+    )
+    assert outcome.encoded == 3
+    return root

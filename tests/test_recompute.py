@@ -7,24 +7,17 @@ import os
 
 import pytest
 import torch
+from precompute_trees import cached_episode
 from typer.testing import CliRunner
 
 from vggtctl import sidecar
 from vggtctl.cli.app import app
-from vggtctl.demo import make_dataset
-from vggtctl.precompute import PrecomputeOptions, run
 from vggtctl.recompute import compare
 
 
 @pytest.fixture(scope="module")
 def cached_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recompute")
-    make_dataset(root, episodes=1, steps=3, size=(64, 48))
-    outcome = run(
-        PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0)
-    )
-    assert outcome.encoded == 3
-    return root
+    return cached_episode(tmp_path_factory.mktemp("recompute"))
 
 
 def _verify(root, k):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import treebuilder as tb
+from precompute_trees import cached_episode
 
 from vggtctl import manifest
 from vggtctl.sidecar import Verdict
@@ -176,16 +177,7 @@ def test_recompute_with_the_recorded_checkpoint_gone_names_the_manifest(
 @pytest.fixture(scope="module")
 def precomputed(tmp_path_factory):
     """One episode of 3 steps cached by precompute with tiny-random (CPU, seconds)."""
-    from vggtctl.demo import make_dataset
-    from vggtctl.precompute import PrecomputeOptions, run
-
-    root = tmp_path_factory.mktemp("remedy")
-    make_dataset(root, episodes=1, steps=3, size=(64, 48))
-    outcome = run(
-        PrecomputeOptions(root=root, vggt_model="tiny-random", max_history=1, device="cpu", workers=0)
-    )
-    assert outcome.encoded == 3
-    return root
+    return cached_episode(tmp_path_factory.mktemp("remedy"))
 
 
 def test_recompute_mismatch_names_the_sidecars_and_a_command_that_re_encodes_them(precomputed, cli_app):
