@@ -68,14 +68,6 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(code)
 
 
-def recompute_check(root: str, k: int, vggt_model: str | None):  # -> RecomputeReport
-    """`--recompute K`: re-encode K random cached items with the settings of the last precompute
-    run (from the manifest) and compare them element-wise with the stored features."""
-    from vggtctl.recompute import recompute
-
-    return recompute(recompute_options(root, vggt_model), k)
-
-
 def recompute_options(root: str, vggt_model: str | None):  # -> PrecomputeOptions
     """The settings `--recompute` runs with. The model is resolved here, before the audit's long
     pass: a recorded checkpoint that moved fails in seconds, and the error says the path came
