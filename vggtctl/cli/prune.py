@@ -198,7 +198,9 @@ def _print_plan(plan: PrunePlan) -> None:
 
     # what `valid` meant: a smoke test that made other settings current shows up here
     render.out.print(f"Checked against: {escape(plan.expectation)}")
-    table = render.table(show_edge=False, pad_edge=False, title=f"Prune plan for {plan.root}", title_justify="left")
+    table = render.table(
+        show_edge=False, pad_edge=False, title=f"Prune plan for {plan.root}", title_justify="left"
+    )
     table.add_column("Category")
     table.add_column("Files", justify="right")
     table.add_column("Size", justify="right")

@@ -457,8 +457,10 @@ def _record_manifest(opts: PrecomputeOptions, outcome: Outcome, key: FeatureKey)
     # whole, intended cache. Its rerun resumes and makes the settings current when it finishes.
     # The first run on a root, or one with the same settings, is recorded as usual.
     unfinished = opts.limit is not None or outcome.interrupted or bool(outcome.disk_full)
-    if current is not None and unfinished and changed_settings(
-        opts.root, key, outcome.plan.layout, opts.max_history
+    if (
+        current is not None
+        and unfinished
+        and changed_settings(opts.root, key, outcome.plan.layout, opts.max_history)
     ):
         current = None
         outcome.settings_kept = True
