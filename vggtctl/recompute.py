@@ -7,6 +7,7 @@ element-wise comparison. A difference beyond the storage dtype's rounding is a p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from vggtctl.precompute import (
     sample_items,
     unique_by_sidecar,
 )
+from vggtctl.precompute.planning import recorded_max_history
 from vggtctl.preprocess import unit_pixels
 
 # Allowed disagreement per storage dtype: (minimum cosine, max abs diff / max |stored|).
@@ -122,6 +124,8 @@ def _count_or_none(value: object) -> int | None:
 
 def recompute(opts: PrecomputeOptions, k: int, seed: int | None = None) -> RecomputeReport:
     """Re-encode up to `k` random items that have a sidecar and compare each."""
+    if opts.max_history is None:  # as precompute: the root's current one
+        opts = dataclasses.replace(opts, max_history=recorded_max_history(opts.root))
     catalog = load_catalog(
         opts.root,
         opts.layout,
