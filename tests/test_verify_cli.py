@@ -207,6 +207,12 @@ def test_recompute_mismatch_names_the_sidecars_and_a_command_that_re_encodes_the
     assert len(commands) == 1
     assert any("--force" in line for line in lines)
     assert any("vggtctl prune" in line and "skips" in line for line in lines)
+    as_json = CliRunner().invoke(
+        cli_app, ["verify", str(precomputed), "--quick", "--recompute", "3", "--json"]
+    )
+    section = json.loads(as_json.stdout)["recompute"]
+    assert [c["path"] for c in section["checks"] if not c["ok"]] == [str(victim)]
+    assert section["reencode_after_deleting"] == commands[0]  # scripts get the same command
 
     # the remedy, as printed
     os.remove(victim)

@@ -192,6 +192,8 @@ def run(
         document = {**report.to_json(), "ok": ok, "exit_code": code}
         if rechecked is not None:
             document["recompute"] = rechecked.to_json()
+            if rechecked.problems:  # what the plain output prints: the command that re-encodes them
+                document["recompute"]["reencode_after_deleting"] = precompute_command(root, vggt_model)
         render.print_json(document)
         return code
     mode = "header check" if quick else "full read"
