@@ -222,3 +222,29 @@ def test_random_model_in_verify_status_and_prune_exits_2_with_one_line(tmp_path:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "random:tiny" in lines[0] and "leave --vggt-model out" in lines[0]
     assert "no such checkpoint" not in lines[0]
+
+
+# --------------------------------------------------------------------------- the trainer's store
+
+
+def test_the_trainers_store_names_where_its_history_differs_from_the_cached_one(tmp_path: Path) -> None:
+    """FeatureStore knows the trainer's frames: a miss for another history names the first
+    frame that differs, or the count, not only "context signature differs"."""
+    folder = _episode(tmp_path)
+    tb.write_sidecar(folder / STEPS[3], frames=[STEPS[0], STEPS[2], STEPS[3]])
+    store = FeatureStore(SEQUENCE_KEY)
+    other = store.check(Item.from_paths([folder / STEPS[1], folder / STEPS[2], folder / STEPS[3]]))
+    assert other.verdict is Verdict.CONTEXT_MISMATCH
+    assert other.reason == f"cached with another history: frame 0 was {STEPS[0]}, the trainer's is {STEPS[1]}"
+    longer = store.check(Item.from_paths([folder / s for s in STEPS]))
+    assert longer.reason == "cached with 3 frames, the trainer streams 4 for this item"
+
+
+def test_the_trainers_store_names_the_frame_that_changed(tmp_path: Path) -> None:
+    folder = _episode(tmp_path)
+    tb.write_sidecar(folder / STEPS[2], frames=[STEPS[0], STEPS[1], STEPS[2]])
+    tb.write_image(folder / STEPS[1], seed=99)  # rewritten after the sidecar
+    _later(folder / STEPS[1])
+    result = FeatureStore(SEQUENCE_KEY).check(Item.from_paths([folder / s for s in STEPS[:3]]))
+    assert result.verdict is Verdict.CONTEXT_MISMATCH
+    assert result.reason == f"context frame {STEPS[1]} changed since the sidecar was written"

@@ -11,6 +11,7 @@ Importable inside DataLoader workers: no CLI code, no GPU, and the store pickles
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import threading
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vggtctl import sidecar
-from vggtctl.catalog import Catalog, Item, item_frames_for_key
+from vggtctl.catalog import Catalog, Item, frame_names, item_frames_for_key
 from vggtctl.errors import ConfigError
 from vggtctl.keys import FeatureKey
 from vggtctl.scan import DirListing, list_dir
@@ -213,6 +214,8 @@ class FeatureStore:
         result = sidecar.classify(path, expect, stat_lookup=lookup)
         if gone is not None and result.verdict is Verdict.CONTEXT_MISMATCH:
             return Classification(path, result.verdict, f"context frame {gone} is gone", result.header)
+        if result.verdict is Verdict.CONTEXT_MISMATCH and result.reason == sidecar.OTHER_HISTORY:
+            return Classification(path, result.verdict, _history_reason(item, result, lookup), result.header)
         return result
 
     def _expectation_without_context(self, impossible_signature: bool = False) -> Expectation:
@@ -284,6 +287,26 @@ class CoverageReport:
     def summary(self) -> str:
         rest = ", ".join(f"{v} {n}" for v, n in sorted(self.by_verdict.items(), key=lambda kv: -kv[1]))
         return f"{self.valid}/{self.total} items cached ({100 * self.fraction:.1f}%): {rest or 'no items'}"
+
+
+def _history_reason(item: Item, result: Classification, lookup: sidecar.StatLookup) -> str:
+    """A miss for "another history", made specific (it only runs on a miss): the first frame
+    where the sidecar's history and the trainer's differ, or, where the frames are the same,
+    the frame that changed since the sidecar was written."""
+    meta = result.header.meta if result.header is not None else {}
+    cached = list((meta.get("context") or {}).get("frames") or [])
+    wanted = frame_names(item)
+    if cached != wanted:
+        if len(cached) != len(wanted):
+            return f"cached with {len(cached)} frames, the trainer streams {len(wanted)} for this item"
+        step, was, now = next(
+            (i, a, b) for i, (a, b) in enumerate(zip(cached, wanted, strict=True)) if a != b
+        )
+        return f"cached with another history: frame {step} was {was}, the trainer's is {now}"
+    written = None
+    with contextlib.suppress(OSError):
+        written = os.stat(result.path).st_mtime_ns
+    return sidecar.changed_frame_reason(cached, os.path.dirname(item.image), lookup, written)
 
 
 def check_items(items: Sequence[Item], store: FeatureStore, *, workers: int = 8) -> list[Classification]:

@@ -489,7 +489,7 @@ def _context_problem(
         return f"context {kind!r} cached, {expect.context_kind!r} wanted"
     if expect.context_signature is not None:
         if ctx.get("signature") != expect.context_signature:
-            return "cached for a different history (context signature differs)"
+            return OTHER_HISTORY
         return None
     if kind == "none" or not expect.check_context_frames:
         return None
@@ -506,6 +506,8 @@ def _context_problem(
 
 
 CHANGED_FRAME = "a context frame changed since the sidecar was written"
+# a signature given by the caller (the trainer's store) differs; the caller knows the frames
+OTHER_HISTORY = "cached for a different history (context signature differs)"
 _SHOWN_FRAMES = 3
 
 
