@@ -248,3 +248,14 @@ def test_the_trainers_store_names_the_frame_that_changed(tmp_path: Path) -> None
     result = FeatureStore(SEQUENCE_KEY).check(Item.from_paths([folder / s for s in STEPS[:3]]))
     assert result.verdict is Verdict.CONTEXT_MISMATCH
     assert result.reason == f"context frame {STEPS[1]} changed since the sidecar was written"
+
+
+def test_the_trainers_store_names_another_eviction_not_a_changed_frame(tmp_path: Path) -> None:
+    """Same frames, cached with a K/V-cache eviction the trainer's key does not have."""
+    folder = _episode(tmp_path)
+    evicting = ContextSettings("sequence", 1, 1)
+    tb.write_sidecar(folder / STEPS[2], frames=[STEPS[0], STEPS[1], STEPS[2]], context=evicting)
+    result = FeatureStore(SEQUENCE_KEY).check(Item.from_paths([folder / s for s in STEPS[:3]]))
+    assert result.verdict is Verdict.CONTEXT_MISMATCH
+    assert result.reason.startswith("cached with context sequence (")
+    assert result.reason.endswith("the current key's is sequence without eviction")

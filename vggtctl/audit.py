@@ -21,7 +21,7 @@ from typing import Any
 from vggtctl import manifest, scan
 from vggtctl.catalog.base import Item, item_frames_for_key
 from vggtctl.catalog.episodes import episode_histories
-from vggtctl.keys import ContextSettings, FeatureKey, checkpoint_fingerprint, is_random_model_name
+from vggtctl.keys import FeatureKey, checkpoint_fingerprint, is_random_model_name
 from vggtctl.sidecar import (
     CHANGED_FRAME,
     Classification,
@@ -29,6 +29,7 @@ from vggtctl.sidecar import (
     Verdict,
     changed_frame_reason,
     classify,
+    other_context_settings,
 )
 
 DANGLING_IMAGE = "image is a dangling symbolic link (its source unmounted?)"
@@ -527,22 +528,7 @@ class HistoryRule:
 
     def _other_settings(self, meta: dict[str, Any] | None) -> str | None:
         """Same frames, but another eviction or attention: the signature covers those too."""
-        if not isinstance(meta, dict):
-            return None
-        ctx, model = meta.get("context") or {}, meta.get("model") or {}
-        cached = ContextSettings("sequence", ctx.get("evict_start"), ctx.get("evict_recent"))
-        current = replace(self.key.context, kind="sequence")
-        if cached != current:
-            return f"cached with context {_eviction(cached)}, the current key's is {_eviction(current)}"
-        if model.get("attention") != self.key.model.attention:
-            return f"cached with {model.get('attention')} attention, the current key's is {self.key.model.attention}"
-        return None
-
-
-def _eviction(context: ContextSettings) -> str:
-    if context.evict_start is None and context.evict_recent is None:
-        return f"{context.kind} without eviction"
-    return context.describe()
+        return other_context_settings(meta, self.key.context, self.key.model.attention)
 
 
 def _history(frames: int) -> str:

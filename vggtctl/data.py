@@ -215,7 +215,8 @@ class FeatureStore:
         if gone is not None and result.verdict is Verdict.CONTEXT_MISMATCH:
             return Classification(path, result.verdict, f"context frame {gone} is gone", result.header)
         if result.verdict is Verdict.CONTEXT_MISMATCH and result.reason == sidecar.OTHER_HISTORY:
-            return Classification(path, result.verdict, _history_reason(item, result, lookup), result.header)
+            reason = _history_reason(item, result, lookup, self.key)
+            return Classification(path, result.verdict, reason, result.header)
         return result
 
     def _expectation_without_context(self, impossible_signature: bool = False) -> Expectation:
@@ -289,10 +290,10 @@ class CoverageReport:
         return f"{self.valid}/{self.total} items cached ({100 * self.fraction:.1f}%): {rest or 'no items'}"
 
 
-def _history_reason(item: Item, result: Classification, lookup: sidecar.StatLookup) -> str:
+def _history_reason(item: Item, result: Classification, lookup: sidecar.StatLookup, key: FeatureKey) -> str:
     """A miss for "another history", made specific (it only runs on a miss): the first frame
-    where the sidecar's history and the trainer's differ, or, where the frames are the same,
-    the frame that changed since the sidecar was written."""
+    where the sidecar's history and the trainer's differ; where the frames are the same, another
+    eviction or attention, else the frame that changed since the sidecar was written."""
     meta = result.header.meta if result.header is not None else {}
     cached = list((meta.get("context") or {}).get("frames") or [])
     wanted = frame_names(item)
@@ -303,6 +304,9 @@ def _history_reason(item: Item, result: Classification, lookup: sidecar.StatLook
             (i, a, b) for i, (a, b) in enumerate(zip(cached, wanted, strict=True)) if a != b
         )
         return f"cached with another history: frame {step} was {was}, the trainer's is {now}"
+    other = sidecar.other_context_settings(meta, key.context, key.model.attention)
+    if other:
+        return other
     written = None
     with contextlib.suppress(OSError):
         written = os.stat(result.path).st_mtime_ns

@@ -10,6 +10,7 @@ torn one. Imported by precompute, status/verify/prune and the training dataset: 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import secrets
@@ -509,6 +510,27 @@ CHANGED_FRAME = "a context frame changed since the sidecar was written"
 # a signature given by the caller (the trainer's store) differs; the caller knows the frames
 OTHER_HISTORY = "cached for a different history (context signature differs)"
 _SHOWN_FRAMES = 3
+
+
+def other_context_settings(meta: Any, context: ContextSettings, attention: str) -> str | None:
+    """Same frames, but another K/V-cache eviction or attention than the key's (`context`,
+    `attention`): the signature covers those too, so name them rather than "a frame changed"."""
+    if not isinstance(meta, dict):
+        return None
+    ctx, model = meta.get("context") or {}, meta.get("model") or {}
+    cached = ContextSettings("sequence", ctx.get("evict_start"), ctx.get("evict_recent"))
+    current = dataclasses.replace(context, kind="sequence")
+    if cached != current:
+        return f"cached with context {_eviction(cached)}, the current key's is {_eviction(current)}"
+    if model.get("attention") != attention:
+        return f"cached with {model.get('attention')} attention, the current key's is {attention}"
+    return None
+
+
+def _eviction(context: ContextSettings) -> str:
+    if context.evict_start is None and context.evict_recent is None:
+        return f"{context.kind} without eviction"
+    return context.describe()
 
 
 def _preset_reason(meta: dict[str, Any], expect: Expectation) -> str:
