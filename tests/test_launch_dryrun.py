@@ -308,6 +308,7 @@ def test_two_node_script_defaults_to_the_master_address_it_was_given(tmp_path: P
     _, multi = emit_scripts(plan, tmp_path / "given")
     text = multi.read_text()
     assert 'MASTER_ADDR="${MASTER_ADDR:-10.1.2.3}"' in text
+    assert "scontrol" not in text  # inside an allocation too, the named address wins over Slurm's first host
     assert "0 on the master node, 1 on the other}" in text
     from_slurm = build_plan(
         TrainOptions(nodes=2, cache=False),

@@ -101,15 +101,16 @@ def render_script(plan: TrainPlan, nodes: int, name: str) -> str:
             f'MASTER_PORT="${{MASTER_PORT:-{port}}}"',
         ]
     else:
+        given = _given_master_addr(plan)  # named when the script was written: wins over Slurm's
+        first_host = '$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)'
         lines += [
             'if [[ -n "${SLURM_JOB_ID:-}" ]]; then',
             '  NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"',
-            '  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"',
+            f'  MASTER_ADDR="${{MASTER_ADDR:-{_dq(given) if given else first_host}}}"',
         ]
         if not _port_is_fixed(plan):
             lines.append('  MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"')
         others = "1 on the other" if nodes == 2 else f"1..{nodes - 1} on the others"
-        given = _given_master_addr(plan)
         master = (
             f'MASTER_ADDR="${{MASTER_ADDR:-{_dq(given)}}}"'
             if given
