@@ -122,3 +122,21 @@ def test_a_root_with_no_items_is_an_error_that_writes_nothing(tmp_path):
         assert result.stdout == ""
         assert result.stderr.startswith("error: no items found under")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_empty_root_is_said_once_per_run_not_once_per_rank(tmp_path, capsys):
+    """Every rank stops with exit 2; only rank 0 prints the line."""
+    from vggtctl.catalog import load_catalog
+    from vggtctl.cli.precompute import _error
+    from vggtctl.distributed import DistInfo
+    from vggtctl.precompute.pipeline import _no_items
+
+    catalog = load_catalog(tmp_path, "auto")
+    codes = []
+    for rank in (0, 1):
+        with pytest.raises(ConfigError) as stopped:
+            _no_items(opts(tmp_path), catalog, DistInfo(rank, 2, rank, 2), Reporter())
+        codes.append(_error(stopped.value))
+    assert codes == [2, 2]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "no items found" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ")

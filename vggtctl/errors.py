@@ -13,6 +13,7 @@ class VggtctlError(Exception):
     """Base class; `str(err)` is a complete one-line message naming the file and the reason."""
 
     exit_code = EXIT_USAGE
+    said_by_rank0 = False  # a distributed run's other ranks stop with it silently: rank 0 says it
 
 
 class ConfigError(VggtctlError):

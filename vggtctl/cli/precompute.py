@@ -415,7 +415,10 @@ def _show(outcome: Outcome, root: Path, as_json: bool, dry_run: bool) -> None:
 
 
 def _error(err: Exception) -> int:
-    """Print a one-line error and return its exit code."""
+    """Print a one-line error and return its exit code (not on a rank whose rank 0 prints the
+    same error: one line per run, not one per rank)."""
+    if getattr(err, "said_by_rank0", False):
+        return getattr(err, "exit_code", EXIT_USAGE)
     render.err.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
     return getattr(err, "exit_code", EXIT_USAGE)
 

@@ -217,7 +217,9 @@ def _no_items(opts: PrecomputeOptions, catalog: Catalog, info: DistInfo, reporte
     if info.is_main:
         for line in catalog_notices(catalog, opts.root, []):
             reporter.message(shown(line))
-    raise ConfigError(f"no items found under {opts.root} ({catalog.layout}: {catalog.reason})")
+    error = ConfigError(f"no items found under {opts.root} ({catalog.layout}: {catalog.reason})")
+    error.said_by_rank0 = not info.is_main  # every rank stops; rank 0 says why, once
+    raise error
 
 
 def shared_catalog(opts: PrecomputeOptions, info: DistInfo) -> Catalog:
