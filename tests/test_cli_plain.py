@@ -25,6 +25,14 @@ def test_tables_off_a_terminal_have_no_box_drawing(tmp_path):
         ["prune", str(tmp_path), "--orphans", "--dry-run"],
         ["verify", str(tmp_path), "--quick"],
     ]
+    cached = tmp_path / "cached"
+    cached.mkdir()
+    Image.new("RGB", (40, 30), (200, 90, 10)).save(cached / "c.jpg")
+    ran = CliRunner().invoke(
+        app, ["precompute", str(cached), "--vggt-model", "tiny-random", "--device", "cpu"]
+    )
+    assert ran.exit_code == 0, ran.output
+    commands += [["verify", str(cached), "--quick", "--recompute", "1"]]
     for args in commands:
         result = CliRunner().invoke(app, args)
         assert result.exit_code in (0, 1), (args, result.output)

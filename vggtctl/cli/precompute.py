@@ -218,7 +218,11 @@ def register(app: typer.Typer) -> None:
             None, "--annotations", help="JSON/JSONL file (repeatable)."
         ),
         data_path: str | None = typer.Option(None, "--data-path", help="Base folder for annotation paths."),
-        max_history: int | None = typer.Option(None, "--max-history", help="History frames per item (8)."),
+        max_history: int | None = typer.Option(
+            None,
+            "--max-history",
+            help="History frames per item (episodes layout; default: the root's current value, else 8).",
+        ),
         context: str | None = typer.Option(None, "--context", help="auto | none | sequence."),
         evict_start: int | None = typer.Option(
             None,

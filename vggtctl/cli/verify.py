@@ -144,9 +144,9 @@ def precompute_command(root: str, vggt_model: str | None) -> str:
 
 
 def recompute_table(report):  # -> rich.table.Table
-    from rich.table import Table
+    from vggtctl.cli import render
 
-    table = Table(title="recompute check")
+    table = render.table(title="recompute check")
     for name in ("sidecar", "max abs diff", "cosine", "result"):
         table.add_column(name, justify="left" if name == "sidecar" else "right")
     for check in report.checks:

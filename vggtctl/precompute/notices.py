@@ -27,8 +27,9 @@ def settings_notice(changes: list[str], limited: bool = False) -> list[str]:
         ]
     return [
         f"note: these settings differ from the root's current ones ({'; '.join(changes)}); a run "
-        "with them makes them current, and verify, status, prune and training then judge every "
-        "sidecar by them: sidecars cached with the old ones no longer count as valid"
+        "with them that finishes makes them current, and verify, status, prune and training then "
+        "judge every sidecar by them: sidecars cached with the old ones no longer count as valid "
+        "(stopped before it finishes, the current ones stay)"
     ]
 
 
