@@ -34,7 +34,7 @@ def _interrupt_while_closing(
 
 
 @pytest.mark.parametrize("interrupts", [1, 2])
-def test_a_ctrl_c_in_close_waits_for_the_writes_it_started(monkeypatch, interrupts):
+def test_a_ctrl_c_in_close_waits_for_the_writes_it_started(monkeypatch, caplog, interrupts):
     """Ctrl-C while close() waits: the write already running ends and is reported before the
     interrupt surfaces; the queued one is written after one Ctrl-C and dropped after two."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -63,3 +63,6 @@ def test_a_ctrl_c_in_close_waits_for_the_writes_it_started(monkeypatch, interrup
         reported = list(done)  # what the run would count, read right after close()
     sender.join(30)
     assert reported == (["started", "queued"] if interrupts == 1 else ["started"])
+    said = [r.getMessage() for r in caplog.records if r.name == "vggtctl"]
+    assert said[0].startswith("finishing ") and "Ctrl-C again drops those not started" in said[0]
+    assert len(said) == interrupts

@@ -14,6 +14,7 @@ into reused memory on a 2-vCPU VM, and on the GPU loop's thread that is time the
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -27,6 +28,9 @@ import torch
 from vggtctl import sidecar
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+_log = logging.getLogger("vggtctl")
 
 
 class DiskFullSkipped(OSError):
@@ -177,6 +181,9 @@ class SidecarWriter:
             except KeyboardInterrupt as err:
                 interrupts += 1
                 interrupt = interrupt or err
+                left = sum(1 for future in list(self._futures) if not future.done())
+                more = "; Ctrl-C again drops those not started" if interrupts == 1 else ""
+                _log.warning("finishing %d sidecar writes before stopping%s", left, more)
         self._pool.shutdown(wait=True)  # every write has ended: the threads only exit
         if self._callback_error is None and interrupt is not None:
             raise interrupt
