@@ -140,3 +140,11 @@ def test_an_empty_root_is_said_once_per_run_not_once_per_rank(tmp_path, capsys):
     assert codes == [2, 2]
     lines = [line for line in capsys.readouterr().err.splitlines() if "no items found" in line]
     assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_the_settings_note_names_the_model_setting_that_changed(tmp_path):
+    episodes_tree(tmp_path, episodes=1, steps=2)
+    assert run(opts(tmp_path, max_history=1)).encoded == 2
+    result = CliRunner().invoke(app, ["precompute", str(tmp_path), *CLI_FAST, "--layer", "1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "these settings differ from the root's current ones (layer 0 -> 1)" in result.stderr

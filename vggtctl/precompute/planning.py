@@ -282,8 +282,12 @@ def changed_settings(root: Any, key: FeatureKey, layout: str, max_history: int |
     changes = []
     if old.model.fingerprint != key.model.fingerprint:
         changes.append(f"model {old.model.label} -> {key.model.label}")
-    elif old.model != key.model:
-        changes.append("model settings (layer, attention or dtype)")
+    else:
+        changes += [
+            f"{name} {getattr(old.model, name)} -> {getattr(key.model, name)}"
+            for name in ("layer", "attention", "dtype")
+            if getattr(old.model, name) != getattr(key.model, name)
+        ]
     if old.preprocess_fingerprint != key.preprocess_fingerprint:
         changes.append(f"preprocessing {old.preset} -> {key.preset}")
     if old.context != key.context:
