@@ -45,6 +45,7 @@ def test_a_usage_error_is_one_line_naming_the_option(tmp_path):
         (["status", str(tmp_path), "--sort", "bogus"], "--sort"),
         (["verify", str(tmp_path), "--quik"], "--quik"),
         (["precompute", str(tmp_path), "--batch-size", "x"], "--batch-size"),
+        (["train", "--nodes"], "--nodes"),  # raised without a Click context
     ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

@@ -65,7 +65,8 @@ def _usage_error_line(error: Exception) -> None:
     ctx = getattr(error, "ctx", None)
     message = " ".join(str(error.format_message()).split()).replace("Value error, ", "")  # type: ignore[attr-defined]
     where = f"{ctx.command_path}: " if ctx is not None else ""
-    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    # some errors come without a context (an option missing its value): the root's help then
+    hint = f" (see {ctx.command_path if ctx is not None else 'vggtctl'} --help)"
     render.err.print(f"error: {where}{message}{hint}", markup=False, highlight=False, soft_wrap=True)
 
 
