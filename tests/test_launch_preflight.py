@@ -113,7 +113,7 @@ def test_coverage_failure_after_failed_items_names_failures_and_min_coverage(
     assert "the last precompute run failed 2 items" in check.detail
     assert str(root / ".vggtctl" / "failures.jsonl") in check.detail
     assert "--min-coverage" in check.detail
-    assert check.fix is not None and check.fix.startswith("vggtctl precompute")  # still printed
+    assert check.fix is None  # both misses are failed items: a rerun would fail them again
     # the table folds the detail; its words reach stdout all the same
     assert "failures.jsonl" in "".join(result.stdout.split())
     # above the bar, the misses are a warning that still says where the failures are
@@ -126,6 +126,15 @@ def test_coverage_failure_after_failed_items_names_failures_and_min_coverage(
     )
     assert check.status == "warn" and "failures.jsonl" in check.detail
     assert "--min-coverage" not in check.detail
+
+
+def test_the_rerun_is_offered_while_some_misses_are_not_failed_items(tmp_path: Path) -> None:
+    root = launch_tree.make_root(tmp_path, total=5, valid=3)
+    _record_failed_run(root, 1)  # one of the two misses failed; the other a rerun encodes
+    plan = build_plan(TrainOptions(data_root=str(root)), environ={"PATH": os.environ["PATH"]}, cuda_devices=0)
+    check = preflight.check_coverage(plan)
+    assert check.status == "fail" and "failed 1 item" in check.detail
+    assert check.fix is not None and check.fix.startswith("vggtctl precompute")
 
 
 def test_coverage_failure_without_failed_items_says_nothing_of_failures(tmp_path: Path) -> None:

@@ -401,6 +401,8 @@ def check_coverage(plan: TrainPlan, *, workers: int = 8) -> Check:
     if cov.total == 0:
         return Check("cache coverage", FAIL, f"the catalog ({cov.layout}) lists no training Items", fix)
     failed = _failed_last_run(plan)
+    if failed and failed >= cov.total - cov.valid:
+        fix = None  # every miss is an item the last run failed: a rerun would fail them again
     if cov.fraction + 1e-12 < plan.min_coverage:
         if failed:  # the fix command cannot close that part of the gap: say what can
             detail += (
