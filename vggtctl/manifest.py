@@ -78,6 +78,14 @@ class Manifest:
                 return rate
         return None
 
+    @property
+    def last_run_failed(self) -> int | None:
+        """Items the latest precompute run failed (bad images: a rerun fails them again); None
+        where the manifest records no such count."""
+        runs = [run for run in self.runs if run.get("kind") == "precompute"]
+        failed = runs[-1].get("failed") if runs else None
+        return failed if type(failed) is int and failed >= 0 else None
+
     def last_run_settings(self) -> dict[str, Any] | None:
         """The settings that go with the current key (those of the run that made it current;
         what `verify --recompute` reuses), else those of the latest run that recorded any. A

@@ -192,13 +192,11 @@ def _last_run(root: str) -> tuple[float | None, str | None, str | None, int | No
         return None, None, None, None
     loaded = manifest.load(root)
     layout = (loaded.last_run_settings() or {}).get("layout")
-    runs = [run for run in loaded.runs if run.get("kind") == "precompute"]
-    failed = runs[-1].get("failed") if runs else None
     return (
         loaded.last_rate,
         getattr(loaded, "problem", None),
         layout if isinstance(layout, str) else None,
-        failed if isinstance(failed, int) and not isinstance(failed, bool) and failed >= 0 else None,
+        loaded.last_run_failed,
     )
 
 

@@ -78,9 +78,7 @@ def last_run_failed(data_root: Path) -> int | None:
     `vggtctl status` reads it; None when the manifest records no such count."""
     from vggtctl import manifest
 
-    runs = [run for run in manifest.load(data_root).runs if run.get("kind") == "precompute"]
-    failed = runs[-1].get("failed") if runs else None
-    return failed if isinstance(failed, int) and not isinstance(failed, bool) and failed >= 0 else None
+    return manifest.load(data_root).last_run_failed
 
 
 def read_manifest(data_root: Path | None) -> ManifestInfo:
